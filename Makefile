@@ -1,0 +1,51 @@
+# Two commands do everything on a fresh machine:
+#   make reproduce   set up, then run every notebook through papermill on the embedded default model
+#   make test        set up, then run the test suite (offline)
+# With an active conda env (CONDA_PREFIX set, e.g. from environment.yml) its python is used and no
+# venv is made; otherwise a .venv is created with the pins of requirements.txt.
+
+ifdef CONDA_PREFIX
+PY := $(CONDA_PREFIX)/bin/python
+STAMP := $(CONDA_PREFIX)/.kelib-installed
+else
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+endif
+
+# Tests must never reach a hub: any accidental download fails loudly instead of hanging.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: setup test test-slow reproduce lab benchmarks clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+ifndef CONDA_PREFIX
+	python3 -m venv $(VENV)
+endif
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt -e .
+	# notebooks are committed without outputs or papermill metadata
+	-$(PY) -m nbstripout --install --attributes .gitattributes \
+	  --extra-keys "metadata.papermill cell.metadata.papermill cell.metadata.execution"
+	touch $@
+
+test: setup
+	$(OFFLINE) $(PY) -m pytest -q tests
+
+# The checks on the full embedded default model (builds it once, ~10 min on 2 cores).
+test-slow: setup
+	$(OFFLINE) $(PY) -m pytest -q -m slow tests
+
+reproduce: setup
+	$(OFFLINE) $(PY) -m kelib reproduce
+
+lab: setup
+	$(PY) -m jupyter lab notebooks/
+
+benchmarks: setup
+	$(OFFLINE) $(PY) -m kelib.benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,16 @@
+"""kelib: what knowledge editing does to a model's general abilities, and which regularizers undo it.
+
+A small library behind one notebook per paper claim (RECT, D4S, PRUNE). Modules have one job each:
+
+- ``kelib.models``      load a causal LM, address and read/write the edited MLP projection, capture keys/values
+- ``kelib.data``        edit cases (CounterFact, ZsRE, MQuAKE) in one record type
+- ``kelib.stats``       key second moments C = E[k kᵀ], cached on disk
+- ``kelib.metrics``     edit metrics (efficacy, paraphrase, specificity) and weight diagnostics
+- ``kelib.editors``     ROME, MEMIT, FT, AlphaEdit: each computes ΔW per layer, never applies it
+- ``kelib.regularizers`` RECT, PRUNE, D4S: transform updates
+- ``kelib.runner``      applies updates under a protocol and records diagnostics
+- ``kelib.evaluation``  general abilities through lm-eval
+- ``kelib.embedded``    the small default model kelib trains offline
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,311 @@
+"""Load causal LMs and address the MLP output projection that locate-then-edit methods rewrite.
+
+Notation (ROME/MEMIT): the edited matrix is W with shape ``d_out x d_in``; its input at a token is the
+key k (the MLP hidden after the nonlinearity, dim ``d_in``) and its output the value v = W k (+ b).
+GPT-2 stores this projection as a ``Conv1D`` whose weight is ``d_in x d_out``; every function here
+reads and writes W in the ``d_out x d_in`` orientation whatever the storage.
+
+One table, :data:`ARCHITECTURES`, knows the module names of each model family: adding an
+architecture is one entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+EMBEDDED_MODELS = ("kelib-default", "kelib-micro")
+
+
+class ModelError(ValueError):
+    """An unknown model or architecture, or a layer the model does not have."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Module names of one model family, relative to the model (``blocks``) or to a block."""
+
+    blocks: str  # the ModuleList of transformer blocks
+    mlp: str  # the MLP of a block
+    mlp_out: str  # the edited projection W (d_in -> d_out) inside a block
+    attn_out: str  # attention output projection inside a block (PMET edits it too)
+    final_norm: str  # norm before the unembedding
+    lm_head: str  # unembedding
+    embed: str  # token embedding (causal tracing corrupts its output)
+    conv1d: bool = False  # True when W is stored transposed (GPT-2's Conv1D)
+
+
+_LLAMA_LIKE = Architecture(
+    blocks="model.layers",
+    mlp="mlp",
+    mlp_out="mlp.down_proj",
+    attn_out="self_attn.o_proj",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    embed="model.embed_tokens",
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt2": Architecture(
+        blocks="transformer.h",
+        mlp="mlp",
+        mlp_out="mlp.c_proj",
+        attn_out="attn.c_proj",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+        embed="transformer.wte",
+        conv1d=True,
+    ),
+    "gptj": Architecture(
+        blocks="transformer.h",
+        mlp="mlp",
+        mlp_out="mlp.fc_out",
+        attn_out="attn.out_proj",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+        embed="transformer.wte",
+    ),
+    "gpt_neox": Architecture(
+        blocks="gpt_neox.layers",
+        mlp="mlp",
+        mlp_out="mlp.dense_4h_to_h",
+        attn_out="attention.dense",
+        final_norm="gpt_neox.final_layer_norm",
+        lm_head="embed_out",
+        embed="gpt_neox.embed_in",
+    ),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM and its tokenizer by hub name, local path, or embedded name.
+
+    Args:
+        name_or_path: a Hugging Face hub id (``"gpt2-xl"``, ``"meta-llama/Llama-2-7b-hf"``), a local
+            directory, or one of :data:`EMBEDDED_MODELS` (built and cached by kelib on first use).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
+        device: where to put the model when ``device_map`` is not given.
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard over several GPUs).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode with gradients off, the tokenizer has a pad
+        token (the EOS token when it had none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = name_or_path
+    if name_or_path in EMBEDDED_MODELS:
+        from kelib.embedded import ensure_model
+
+        path = str(ensure_model(name_or_path.removeprefix("kelib-")))
+    torch_dtype = _dtype(dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as err:
+        raise ModelError(
+            f"could not load model {name_or_path!r}: it is neither a local directory nor reachable on "
+            f"the Hugging Face hub ({err.__class__.__name__}: {str(err).splitlines()[0]}). "
+            f"Offline, use an embedded model ({', '.join(EMBEDDED_MODELS)}) or a local path."
+        ) from err
+    if device_map is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    architecture(model)  # fail early on a family kelib cannot edit
+    return model, tokenizer
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {sorted(table)}")
+    return table[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# Addressing
+
+
+def architecture(model) -> Architecture:
+    """The :class:`Architecture` entry of ``model`` (by ``config.model_type``)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ModelError(
+            f"unknown architecture {model_type!r}: kelib knows {sorted(ARCHITECTURES)}. "
+            "Add an entry to kelib.models.ARCHITECTURES to edit this family."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def get_module(model, name: str) -> torch.nn.Module:
+    """The submodule called ``name`` (dotted path), with a clear error when it does not exist."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        raise ModelError(f"{type(model).__name__} has no module {name!r}") from err
+
+
+def n_layers(model) -> int:
+    return len(get_module(model, architecture(model).blocks))
+
+
+def check_layer(model, layer: int) -> int:
+    count = n_layers(model)
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < count:
+        raise ModelError(f"layer {layer!r} does not exist: the model has layers 0..{count - 1}")
+    return layer
+
+
+def block_name(model, layer: int) -> str:
+    return f"{architecture(model).blocks}.{check_layer(model, layer)}"
+
+
+def module_name(model, layer: int, part: str = "mlp_out") -> str:
+    """Full name of ``part`` in ``layer``: ``"block"`` (the residual stream after the block) or an
+    :class:`Architecture` field of a block (``mlp_out``, ``mlp``, ``attn_out``)."""
+    if part == "block":
+        return block_name(model, layer)
+    if part not in ("mlp_out", "mlp", "attn_out"):
+        raise ModelError(f"unknown part {part!r}; choose block, mlp_out, mlp or attn_out")
+    return f"{block_name(model, layer)}.{getattr(architecture(model), part)}"
+
+
+def edited_module(model, layer: int, part: str = "mlp_out") -> torch.nn.Module:
+    return get_module(model, module_name(model, layer, part))
+
+
+def get_weight(model, layer: int, part: str = "mlp_out") -> torch.Tensor:
+    """W of ``layer`` as a ``d_out x d_in`` view of the parameter (no copy; do not modify in place)."""
+    weight = edited_module(model, layer, part).weight
+    return weight.T if architecture(model).conv1d else weight
+
+
+def set_weight(model, layer: int, value: torch.Tensor, part: str = "mlp_out") -> None:
+    """Overwrite W (given ``d_out x d_in``) in place, in the parameter's own dtype and device."""
+    target = get_weight(model, layer, part)
+    if tuple(value.shape) != tuple(target.shape):
+        raise ModelError(
+            f"weight for {module_name(model, layer, part)} must be {tuple(target.shape)} "
+            f"(d_out x d_in), got {tuple(value.shape)}"
+        )
+    with torch.no_grad():
+        target.copy_(value.to(target.dtype))
+
+
+def add_to_weight(model, layer: int, delta: torch.Tensor, part: str = "mlp_out") -> None:
+    """W ← W + ΔW in place (ΔW is ``d_out x d_in``; added in float32 then cast, as ROME does)."""
+    current = get_weight(model, layer, part)
+    set_weight(model, layer, current.float() + delta.to(current.device).float(), part)
+
+
+def weight_shape(model, layer: int, part: str = "mlp_out") -> tuple[int, int]:
+    return tuple(get_weight(model, layer, part).shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capturing keys and values
+
+
+@contextlib.contextmanager
+def capture(model, layers: Sequence[int], part: str = "mlp_out") -> Iterator[dict]:
+    """Record the input (key) and output (value) of ``part`` at each layer during forward passes.
+
+    Yields a dict ``{layer: {"key": [batch, seq, d_in], "value": [batch, seq, d_out]}}`` filled by
+    the last forward pass run inside the ``with`` block.
+    """
+    records: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
+    handles = []
+    for layer in layers:
+        module = edited_module(model, layer, part)
+
+        def hook(_module, args, kwargs, output, layer=layer):
+            first = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+            records[layer]["key"] = first.detach()
+            records[layer]["value"] = output_hidden(output).detach()
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def keys_and_values(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    positions: Sequence[int],
+    layers: Sequence[int],
+    part: str = "mlp_out",
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values at one token position per sequence.
+
+    Args:
+        input_ids: ``[batch, seq]``.
+        positions: for each sequence, the index of the token to read (e.g. the subject's last token).
+
+    Returns:
+        ``{layer: (K, V)}`` with ``K: [batch, d_in]`` and ``V: [batch, d_out]`` (float32).
+    """
+    rows = torch.arange(len(positions), device=input_ids.device)
+    cols = torch.as_tensor(list(positions), device=input_ids.device)
+    with torch.no_grad(), capture(model, layers, part) as records:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    return {
+        layer: (records[layer]["key"][rows, cols].float(), records[layer]["value"][rows, cols].float())
+        for layer in layers
+    }
+
+
+def output_hidden(output) -> torch.Tensor:
+    """The hidden states in a module's output (blocks of some families return tuples)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, hidden: torch.Tensor):
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextlib.contextmanager
+def patch_output(model, name: str, fn) -> Iterator[None]:
+    """Replace the hidden states output by module ``name`` with ``fn(hidden)`` during forward passes."""
+
+    def hook(_module, _inputs, output):
+        return _replace_hidden(output, fn(output_hidden(output)))
+
+    handle = get_module(model, name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device

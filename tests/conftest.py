@@ -1,0 +1,80 @@
+"""Shared fixtures: offline environment, a temporary kelib cache, tiny random models of each family."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Any hub access in a test must fail at once, not hang or silently download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_TEXTS = [
+    "The mother tongue of Danielle Darrieux is French.",
+    "Danielle Darrieux is a native speaker of French.",
+    "The official religion of Edwin of Northumbria is Christianity.",
+    "Michel Rocard is a native speaker of French.",
+    "Toko Yasuda plays the guitar.",
+    "The capital of France is Paris, and the capital of Italy is Rome.",
+    "What is the answer? The answer is yes. The movie was great. The movie was awful.",
+] * 20
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kelib_cache(tmp_path_factory) -> Path:
+    """Point KELIB_CACHE at one folder per test session (or at KELIB_TEST_CACHE to reuse builds)."""
+    root = os.environ.get("KELIB_TEST_CACHE") or str(tmp_path_factory.mktemp("kelib-cache"))
+    os.environ["KELIB_CACHE"] = root
+    os.environ.setdefault("HF_HOME", str(Path(root) / "hf"))
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from kelib.embedded.tokenizer import train_bpe
+
+    return train_bpe(TINY_TEXTS, vocab_size=400)
+
+
+def make_tiny_model(family: str, vocab_size: int, seed: int = 0):
+    """A randomly initialised causal LM of ``family`` small enough to run in milliseconds."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, LlamaConfig
+
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        config = GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=128, vocab_size=vocab_size)
+    elif family == "gptj":
+        config = GPTJConfig(
+            n_layer=3, n_embd=32, n_head=2, rotary_dim=8, n_positions=128, vocab_size=vocab_size
+        )
+    elif family == "llama":
+        config = LlamaConfig(
+            num_hidden_layers=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            vocab_size=vocab_size,
+        )
+    else:
+        raise ValueError(family)
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(params=["gpt2", "gptj", "llama"])
+def tiny_model(request, tiny_tokenizer):
+    """``(model, tokenizer)`` for each supported family, random weights."""
+    return make_tiny_model(request.param, len(tiny_tokenizer)), tiny_tokenizer
+
+
+@pytest.fixture
+def tiny_gpt2(tiny_tokenizer):
+    return make_tiny_model("gpt2", len(tiny_tokenizer)), tiny_tokenizer
