@@ -1,0 +1,208 @@
+"""Key second moments C = E[k kᵀ] of an edited layer over a text corpus, cached on disk.
+
+ROME and MEMIT weight their updates by the uncentered second moment of the keys (the MLP hidden after
+the nonlinearity, ``d_in``-dimensional) over generic text: ROME's ``u = C⁻¹ k``, MEMIT's
+``ΔW = R Kᵀ (λ C0 + K Kᵀ)⁻¹``, AlphaEdit's null space of C0. Every non-padding token counts.
+
+Statistics are keyed by (model, layer, module, corpus and its version, number of tokens, dtype) and
+stored as ``{sum, count}`` so a run that is interrupted resumes from its last checkpoint. Offline,
+the bundled WikiText-2 test split is the corpus; online users can ask for Wikipedia (ROME's choice).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from kelib.io import atomic_path, stable_hash
+from kelib.models import capture, device_of, module_name
+from kelib.paths import bundled, cache_dir
+
+log = logging.getLogger(__name__)
+
+CORPORA = {
+    "wikitext2": "WikiText-2 raw test split, bundled (offline default)",
+    "wikipedia": "wikimedia/wikipedia 20231101.en via datasets (online; ROME used the 2020 dump)",
+}
+CORPUS_VERSIONS = {"wikitext2": "wikitext-2-raw-v1/test", "wikipedia": "wikimedia/wikipedia/20231101.en"}
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """Which text and how much of it: the part of the cache key that is not the model."""
+
+    corpus: str = "wikitext2"
+    n_tokens: int = 100_000  # key vectors accumulated per layer
+    max_length: int = 128  # tokens per text window
+    batch_size: int = 16
+    dtype: str = "float32"  # accumulation precision; float64 for very small models is cheap
+
+    def __post_init__(self):
+        if self.corpus not in CORPORA:
+            raise ValueError(f"unknown corpus {self.corpus!r}; choose from {sorted(CORPORA)}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"stats dtype must be float32 or float64, got {self.dtype!r}")
+
+
+def model_id(model) -> str:
+    """Name used in cache keys: the hub id or the local folder name (embedded models carry a hash).
+
+    A model built in memory (no name) is named by a fingerprint of its weights, so two random models
+    never share statistics.
+    """
+    path = str(getattr(model.config, "_name_or_path", "") or "")
+    if not path:
+        sums = [float(p.detach().double().sum()) for p in model.parameters()]
+        return f"unnamed-{type(model).__name__}-{stable_hash(sums)}"
+    return Path(path).name if Path(path).exists() else path.replace("/", "_")
+
+
+def stats_path(model, layer: int, spec: StatsSpec, part: str = "mlp_out") -> Path:
+    key = {
+        "model": model_id(model),
+        "module": module_name(model, layer, part),
+        "corpus": CORPUS_VERSIONS[spec.corpus],
+        "n_tokens": spec.n_tokens,
+        "max_length": spec.max_length,
+        "dtype": spec.dtype,
+    }
+    return cache_dir("stats", model_id(model)) / f"layer{layer}_{part}_{stable_hash(key)}.pt"
+
+
+def second_moments(
+    model, tok, layers: Sequence[int], spec: StatsSpec = StatsSpec(), part: str = "mlp_out", progress: bool = True
+) -> dict[int, torch.Tensor]:
+    """C = E[k kᵀ] (``d_in x d_in``, float32 on the CPU) for each layer, from cache or computed.
+
+    Layers missing from the cache are computed together in one pass over the corpus.
+    """
+    result: dict[int, torch.Tensor] = {}
+    missing = []
+    for layer in layers:
+        path = stats_path(model, layer, spec, part)
+        if path.exists():
+            saved = torch.load(path)
+            result[layer] = (saved["sum"] / saved["count"]).float()
+        else:
+            missing.append(layer)
+    if missing:
+        result.update(_compute(model, tok, missing, spec, part, progress))
+    return {layer: result[layer] for layer in layers}
+
+
+def _compute(model, tok, layers, spec: StatsSpec, part: str, progress: bool) -> dict[int, torch.Tensor]:
+    dtype = getattr(torch, spec.dtype)
+    partial = {layer: stats_path(model, layer, spec, part).with_suffix(".partial.pt") for layer in layers}
+    state = _resume(partial, layers)
+    device = device_of(model)
+    bar = tqdm(total=spec.n_tokens, initial=state["count"], desc=f"key statistics {layers}", unit="tok",
+               disable=not progress)
+    windows = _windows(tok, spec)
+    for _ in range(state["batches"]):  # skip what the partial file already holds
+        next(windows, None)
+    while state["count"] < spec.n_tokens:
+        batch = next(windows, None)
+        if batch is None:
+            log.warning("corpus %s exhausted after %d tokens (asked for %d)", spec.corpus, state["count"], spec.n_tokens)
+            break
+        ids, mask = (t.to(device) for t in batch)
+        with torch.no_grad(), capture(model, layers, part) as rec:
+            model(input_ids=ids, attention_mask=mask)
+        keep = mask.bool()
+        for layer in layers:
+            keys = rec[layer]["key"][keep].to(dtype)
+            state["sum"][layer] += (keys.T @ keys).cpu()
+        n = int(keep.sum())
+        state["count"] += n
+        state["batches"] += 1
+        bar.update(n)
+        if state["batches"] % 20 == 0:
+            _checkpoint(partial, state)
+    bar.close()
+    out = {}
+    for layer in layers:
+        final = stats_path(model, layer, spec, part)
+        with atomic_path(final) as tmp:
+            torch.save({"sum": state["sum"][layer], "count": state["count"]}, tmp)
+        partial[layer].unlink(missing_ok=True)
+        out[layer] = (state["sum"][layer] / state["count"]).float()
+    return out
+
+
+def _resume(partial: dict[int, Path], layers) -> dict:
+    states = [torch.load(p) for p in partial.values() if p.exists()]
+    if len(states) == len(layers) and len({(s["count"], s["batches"]) for s in states}) == 1:
+        log.info("resuming key statistics from %d tokens", states[0]["count"])
+        return {"sum": {l: torch.load(partial[l])["sum"] for l in layers}, **{k: states[0][k] for k in ("count", "batches")}}
+    return {"sum": {l: 0 for l in layers}, "count": 0, "batches": 0}
+
+
+def _checkpoint(partial: dict[int, Path], state: dict) -> None:
+    for layer, path in partial.items():
+        with atomic_path(path) as tmp:
+            torch.save({"sum": state["sum"][layer], "count": state["count"], "batches": state["batches"]}, tmp)
+
+
+def _windows(tok, spec: StatsSpec) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    from kelib.tokens import pad_batch
+
+    batch: list[list[int]] = []
+    for text in _texts(spec.corpus):
+        ids = tok(text)["input_ids"]
+        for lo in range(0, len(ids), spec.max_length):
+            window = ids[lo : lo + spec.max_length]
+            if len(window) >= 8:
+                batch.append(window)
+            if len(batch) == spec.batch_size:
+                yield pad_batch(batch, tok.pad_token_id)
+                batch = []
+    if batch:
+        yield pad_batch(batch, tok.pad_token_id)
+
+
+def _texts(corpus: str) -> Iterator[str]:
+    if corpus == "wikitext2":
+        raw = gzip.open(bundled("corpus", "wiki.test.raw.gz"), "rt", encoding="utf-8").read()
+        for para in raw.split("\n"):
+            para = para.strip()
+            if para and not para.startswith("="):
+                yield para
+    else:
+        from datasets import load_dataset
+
+        try:
+            stream = load_dataset("wikimedia/wikipedia", "20231101.en", split="train", streaming=True)
+            for record in stream:
+                yield record["text"]
+        except Exception as err:  # network errors come in many types
+            raise RuntimeError(
+                "could not stream Wikipedia (wikimedia/wikipedia 20231101.en); offline, use "
+                "StatsSpec(corpus='wikitext2')"
+            ) from err
+
+
+class KeyStatistics:
+    """C0 per layer for one model, computed or loaded once and kept in memory.
+
+    Editors ask ``stats[layer]``; the spec is fixed for the object's lifetime (one run, one corpus).
+    """
+
+    def __init__(self, model, tok, spec: StatsSpec = StatsSpec(), part: str = "mlp_out", progress: bool = True):
+        self.model, self.tok, self.spec, self.part, self.progress = model, tok, spec, part, progress
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def prefetch(self, layers: Sequence[int]) -> None:
+        """Compute all missing layers in one pass over the corpus."""
+        missing = [layer for layer in layers if layer not in self._cache]
+        if missing:
+            self._cache.update(second_moments(self.model, self.tok, missing, self.spec, self.part, self.progress))
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        self.prefetch([layer])
+        return self._cache[layer]

@@ -1,0 +1,94 @@
+"""Key second moments: correctness against a direct computation, caching, resumption."""
+
+import pytest
+import torch
+
+from kelib import stats
+from kelib.models import capture
+from kelib.stats import KeyStatistics, StatsSpec
+
+SPEC = StatsSpec(n_tokens=3000, max_length=32, batch_size=8)
+
+
+def test_second_moment_equals_mean_outer_product(tiny_gpt2):
+    model, tok = tiny_gpt2
+    spec = StatsSpec(n_tokens=200, max_length=16, batch_size=4, dtype="float64")
+    c = stats.second_moments(model, tok, [1], spec, progress=False)[1]
+    # recompute directly over the same windows
+    keys = []
+    count = 0
+    for ids, mask in stats._windows(tok, spec):
+        with torch.no_grad(), capture(model, [1]) as rec:
+            model(input_ids=ids, attention_mask=mask)
+        keys.append(rec[1]["key"][mask.bool()].double())
+        count += int(mask.sum())
+        if count >= spec.n_tokens:
+            break
+    k = torch.cat(keys)
+    assert torch.allclose(c.double(), (k.T @ k / len(k)), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(c, c.T)
+    assert torch.linalg.eigvalsh(c.double()).min() > -1e-6  # positive semi-definite
+
+
+def test_second_call_reads_the_cache(tiny_gpt2, monkeypatch):
+    model, tok = tiny_gpt2
+    first = stats.second_moments(model, tok, [0, 2], SPEC, progress=False)
+    assert stats.stats_path(model, 0, SPEC).exists()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(stats, "_compute", fail)
+    again = stats.second_moments(model, tok, [0, 2], SPEC, progress=False)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[2], again[2])
+
+
+def test_a_changed_key_recomputes(tiny_gpt2):
+    model, tok = tiny_gpt2
+    stats.second_moments(model, tok, [1], SPEC, progress=False)
+    other = StatsSpec(n_tokens=SPEC.n_tokens + 500, max_length=32, batch_size=8)
+    assert stats.stats_path(model, 1, other) != stats.stats_path(model, 1, SPEC)
+    assert not stats.stats_path(model, 1, other).exists()
+    stats.second_moments(model, tok, [1], other, progress=False)
+    assert stats.stats_path(model, 1, other).exists()
+    # a different model (other weights, same architecture) never shares statistics
+    from tests.conftest import make_tiny_model
+
+    other_model = make_tiny_model("gpt2", len(tok), seed=1)
+    assert stats.stats_path(other_model, 1, SPEC) != stats.stats_path(model, 1, SPEC)
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tiny_gpt2, monkeypatch):
+    model, tok = tiny_gpt2
+    spec = StatsSpec(n_tokens=6000, max_length=16, batch_size=4)
+    reference = stats.second_moments(model, tok, [2], spec, progress=False)[2]
+    stats.stats_path(model, 2, spec).unlink()
+
+    calls = {"n": 0}
+    real_capture = stats.capture
+
+    def crashing_capture(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 45:  # after two checkpoints (every 20 batches)
+            raise KeyboardInterrupt
+        return real_capture(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "capture", crashing_capture)
+    with pytest.raises(KeyboardInterrupt):
+        stats.second_moments(model, tok, [2], spec, progress=False)
+    partial = stats.stats_path(model, 2, spec).with_suffix(".partial.pt")
+    assert partial.exists() and not stats.stats_path(model, 2, spec).exists()
+    assert torch.load(partial)["batches"] == 40
+
+    monkeypatch.setattr(stats, "capture", real_capture)
+    resumed = stats.second_moments(model, tok, [2], spec, progress=False)[2]
+    assert torch.allclose(resumed, reference, rtol=1e-5, atol=1e-6)
+    assert not partial.exists()
+
+
+def test_key_statistics_object_and_bad_spec(tiny_gpt2):
+    model, tok = tiny_gpt2
+    provider = KeyStatistics(model, tok, SPEC, progress=False)
+    assert provider[1].shape == (4 * 32, 4 * 32)
+    with pytest.raises(ValueError, match="unknown corpus"):
+        StatsSpec(corpus="reddit")
