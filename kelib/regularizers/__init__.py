@@ -1,0 +1,25 @@
+"""Regularizers: RECT, PRUNE and D4S transform editors' updates (see :mod:`kelib.regularizers.base`)."""
+
+from kelib.regularizers.base import Regularizer
+from kelib.regularizers.d4s import D4S, D4SParams
+from kelib.regularizers.prune import PRUNE, PRUNEParams, restrain
+from kelib.regularizers.rect import RECT, RECTParams, rect
+
+REGULARIZERS = {"none": (Regularizer, None), "RECT": (RECT, RECTParams), "PRUNE": (PRUNE, PRUNEParams), "D4S": (D4S, D4SParams)}
+
+
+def make_regularizer(name: str, params: dict | None = None) -> Regularizer:
+    """A fresh regularizer by name, its parameters checked like any config."""
+    from kelib.config import from_dict
+
+    if name not in REGULARIZERS:
+        raise ValueError(f"unknown regularizer {name!r}; kelib has {sorted(REGULARIZERS)}")
+    cls, params_cls = REGULARIZERS[name]
+    if params_cls is None:
+        if params:
+            raise ValueError(f"regularizer {name!r} takes no parameters, got {sorted(params)}")
+        return cls()
+    return cls(from_dict(params_cls, params or {}, where=f"regularizer {name}"))
+
+
+__all__ = ["Regularizer", "RECT", "RECTParams", "PRUNE", "PRUNEParams", "D4S", "D4SParams", "make_regularizer", "rect", "restrain"]
