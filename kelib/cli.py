@@ -1,0 +1,134 @@
+"""Command line: ``kelib reproduce``, ``kelib list``, ``kelib check-notebooks``, ``kelib build-model``.
+
+Also ``python -m kelib ...``. Exit status: 0 on success, 1 when a notebook failed (or a check found
+problems), 2 when the batch could not start (bad params file, unknown notebook name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kelib", description="kelib: batch reproduction of the knowledge-editing notebooks."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rep = sub.add_parser(
+        "reproduce",
+        help="run every notebook of a params variant through papermill",
+        description="Run every notebook with a YAML in the params folder; executed notebooks go to "
+        "runs/<variant>/, figures, tables and numbers to figures/<variant>/<notebook>/. Notebooks whose "
+        "inputs are unchanged are skipped.",
+    )
+    rep.add_argument("--params", default="params/default", metavar="DIR",
+                     help="params variant folder (default: params/default; e.g. params/smoke)")
+    rep.add_argument("--only", nargs="+", metavar="NAME", help="run only these notebooks")
+    rep.add_argument("--force", action="store_true", help="run even when the inputs are unchanged")
+    rep.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="per-cell timeout (default: none)")
+    rep.add_argument("--notebooks", metavar="DIR", help="notebook sources (default: notebooks/)")
+    rep.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+
+    lst = sub.add_parser("list", help="notebooks with their parameters, and the params variants")
+    lst.add_argument("--notebooks", metavar="DIR", help="notebook sources (default: notebooks/)")
+    lst.add_argument("--params-root", metavar="DIR", help="params folder (default: params/)")
+
+    chk = sub.add_parser(
+        "check-notebooks",
+        help="every .py notebook has an identical, output-free .ipynb (what the tests check)",
+    )
+    chk.add_argument("--notebooks", metavar="DIR", help="notebook sources (default: notebooks/)")
+
+    build = sub.add_parser("build-model", help="build (or find cached) an embedded model")
+    build.add_argument("name", nargs="?", default="default", choices=["default", "micro"],
+                       help="recipe in params/embedded.yaml (default: default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "reproduce":
+        return _reproduce(args)
+    if args.command == "list":
+        return _list(args)
+    if args.command == "check-notebooks":
+        return _check(args)
+    if args.command == "build-model":
+        from kelib.embedded import ensure_model
+
+        print(ensure_model(args.name))
+        return 0
+    raise AssertionError(args.command)
+
+
+def _reproduce(args) -> int:
+    from kelib.reproduce import ReproduceError, reproduce
+
+    try:
+        results = reproduce(
+            args.params,
+            only=args.only,
+            force=args.force,
+            timeout_per_cell=args.timeout,
+            notebooks_dir=args.notebooks,
+            progress_bar=False if args.no_progress else None,
+        )
+    except ReproduceError as err:
+        print(f"kelib reproduce: {err}", file=sys.stderr)
+        return 2
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _list(args) -> int:
+    from kelib import reproduce as rp
+
+    notebooks_dir = Path(args.notebooks) if args.notebooks else rp.NOTEBOOKS_DIR
+    params_root = Path(args.params_root) if args.params_root else rp.PARAMS_DIR
+    variants = rp.list_variants(params_root)
+    names = rp.list_notebooks(notebooks_dir)
+    print(f"notebooks ({notebooks_dir}):")
+    if not names:
+        print("  (none)")
+    for name in names:
+        path = rp.notebook_path(name, notebooks_dir)
+        runs_in = [v for v in variants if (params_root / v / f"{name}.yaml").exists()]
+        print(f"  {name}  [{path.name}; params in: {', '.join(runs_in) or 'none'}]")
+        try:
+            params = rp.notebook_parameters(path)
+        except Exception as err:  # noqa: BLE001 (list the rest)
+            print(f"    cannot inspect: {type(err).__name__}: {err}")
+            continue
+        if not params:
+            print("    (no parameters cell)")
+        for p in params.values():
+            kind = p["inferred_type_name"] if p["inferred_type_name"] not in (None, "None") else "?"
+            line = f"    {p['name']}: {kind} = {p['default']}"
+            print(f"{line:<48}  {p['help']}" if p.get("help") else line)
+    print(f"variants ({params_root}):")
+    if not variants:
+        print("  (none)")
+    for v in variants:
+        have = rp.sort_names(p.stem for p in (params_root / v).glob("*.yaml"))
+        print(f"  {v}: {', '.join(have)}")
+    return 0
+
+
+def _check(args) -> int:
+    from kelib import reproduce as rp
+
+    notebooks_dir = Path(args.notebooks) if args.notebooks else rp.NOTEBOOKS_DIR
+    problems = rp.check_pairing(notebooks_dir)
+    for p in problems:
+        print(p)
+    if not problems:
+        n = len(rp.list_notebooks(notebooks_dir))
+        print(f"{n} notebook(s) in {notebooks_dir}: pairs in sync, no outputs")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
