@@ -27,8 +27,9 @@ endif
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -r requirements.txt -e .
 	# notebooks are committed without outputs or papermill metadata
-	-$(PY) -m nbstripout --install --attributes .gitattributes \
-	  --extra-keys "metadata.papermill cell.metadata.papermill cell.metadata.execution"
+	-$(PY) -m nbstripout --install --attributes .gitattributes
+	# --extra-keys is ignored together with --install: set the keys on the filter itself
+	-git config filter.nbstripout.extrakeys "metadata.papermill cell.metadata.papermill cell.metadata.execution"
 	touch $@
 
 test: setup

@@ -1,0 +1,127 @@
+"""The editor interface: given a model and a batch of edit cases, return ΔW per layer; never apply it.
+
+An editor is one module that defines a hyperparameter dataclass and a function
+
+    compute_update(model, tok, cases, hparams, stats) -> EditResult
+
+registered with :func:`register`. The runner applies updates, regularizers transform them. Editors
+leave the model exactly as they found it (they may modify weights temporarily, e.g. MEMIT's
+layer-by-layer insertion, and restore them before returning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from kelib.config import ConfigError, load_yaml
+from kelib.paths import REPO_DIR
+
+HPARAMS_DIR = REPO_DIR / "params" / "hparams"
+
+FactToken = Literal["subject_last", "prompt_last"]
+
+
+class EditError(ValueError):
+    """An edit that cannot be computed: bad case, missing layer, or a non-finite update."""
+
+
+@dataclass
+class EditResult:
+    """What an editor returns.
+
+    Attributes:
+        deltas: ``{layer: ΔW}`` with ΔW ``d_out x d_in`` (float32, on the model's device), to be added
+            to the layer's current W. ``part`` says which projection (``mlp_out`` for all of the papers'
+            locate-then-edit methods).
+        keys: ``{layer: K}`` (``d_in x n``), the keys the update was solved for (MEMIT-family);
+            D4S and AlphaEdit accumulate them.
+        residuals: ``{layer: R}`` (``d_out x n``), the residual each layer was asked to write (before
+            MEMIT's spread over the remaining layers), measured on the model the editor saw.
+        info: scalars worth logging (optimisation loss, steps, target probabilities).
+    """
+
+    deltas: dict[int, torch.Tensor]
+    part: str = "mlp_out"
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    residuals: dict[int, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, float] = field(default_factory=dict)
+
+    def check_finite(self) -> None:
+        for layer, delta in self.deltas.items():
+            if not torch.isfinite(delta).all():
+                raise EditError(f"the update of layer {layer} contains NaN or inf; the model is left unchanged")
+
+
+@dataclass(frozen=True)
+class Editor:
+    name: str
+    hparams_class: type
+    compute_update: Callable[..., EditResult]
+    batchable: bool  # whether one call may carry several cases at once
+
+
+EDITORS: dict[str, Editor] = {}
+
+
+def register(name: str, hparams_class: type, batchable: bool):
+    def wrap(fn):
+        EDITORS[name] = Editor(name, hparams_class, fn, batchable)
+        return fn
+
+    return wrap
+
+
+def get_editor(name: str) -> Editor:
+    import kelib.editors  # noqa: F401  (registers the editors)
+
+    if name not in EDITORS:
+        raise EditError(f"unknown editor {name!r}; kelib has {sorted(EDITORS)}")
+    return EDITORS[name]
+
+
+def load_hparams(method: str, model_key: str, overrides: dict | None = None):
+    """Hyperparameters of ``method`` for ``model_key`` from ``params/hparams/<method>/<model_key>.yaml``.
+
+    ``overrides`` (a dict of field -> value, e.g. from a notebook parameter) are applied last and
+    checked like the file's keys.
+    """
+    editor = get_editor(method)
+    path = HPARAMS_DIR / method / f"{model_key}.yaml"
+    if not path.exists():
+        available = sorted(p.stem for p in (HPARAMS_DIR / method).glob("*.yaml"))
+        raise ConfigError(f"no hyperparameters for {method} on {model_key!r} ({path}); available: {available}")
+    hparams = load_yaml(editor.hparams_class, path)
+    if overrides:
+        known = {f.name for f in dataclasses.fields(hparams)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown {method} hyperparameter(s) {unknown}; known: {sorted(known)}")
+        from kelib.config import from_dict
+
+        hparams = from_dict(editor.hparams_class, {**dataclasses.asdict(hparams), **overrides}, where=str(path))
+    return hparams
+
+
+def check_cases(cases: Sequence, tok) -> None:
+    """Reject cases an editor cannot use, before touching the model."""
+    from kelib.tokens import TokenError, subject_last_index, with_target
+
+    if not cases:
+        raise EditError("no edit cases given")
+    for case in cases:
+        try:
+            subject_last_index(tok, case.prompt, case.subject)
+            with_target(tok, case.prompt, case.target_new)
+        except TokenError as err:
+            raise EditError(f"case {case.case_id}: {err}") from err
+
+
+def available_hparams() -> dict[str, list[str]]:
+    return {
+        p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in sorted(Path(HPARAMS_DIR).iterdir()) if p.is_dir()
+    }

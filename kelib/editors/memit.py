@@ -1,0 +1,113 @@
+"""MEMIT (Meng et al. 2023): spread a batch of edits over several MLP output projections.
+
+1. For each case, optimise z, the residual stream after the last edited layer L at the lookup
+   position (:mod:`kelib.editors.target` with ``part="block"``).
+2. For each edited layer l (ascending), on the model with this call's earlier layers already updated:
+   K = keys at l (½ plain prompt + ½ mean over context templates), R = Z - h_L (current model), and
+
+       ΔW_l = (R / (number of layers left)) Kᵀ (λ C0 + K Kᵀ)⁻¹          (solved in float64)
+
+   ``residual_spread: fixed`` computes R once before the loop, as D4S's code does; the layers then
+   receive 1/L, 1/(L-1), ..., 1 of the same residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from kelib.editors.base import EditResult, FactToken, check_cases, register
+from kelib.editors.context import keys_at, memit_templates
+from kelib.editors.target import TargetSettings, optimize_target
+from kelib.models import add_to_weight, check_layer, get_weight, set_weight
+
+
+@dataclass(frozen=True)
+class MEMITHyperParams:
+    layers: list[int]
+    fact_token: FactToken = "subject_last"
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    mom2_update_weight: float = 20000.0  # λ: weight of the preserved keys' second moment
+    context_template_starts: list[str] = ("The", "Therefore", "Because", "I", "You")
+    context_template_length: int = 10
+    residual_spread: Literal["recompute", "fixed"] = "recompute"
+    mom2_dataset: str = "wikitext2"
+    mom2_n_tokens: int = 100_000
+    mom2_dtype: str = "float32"
+    seed: int = 0
+
+
+def memit_templates_flat(model, tok, hparams) -> tuple[list[str], list[list[str]]]:
+    groups = memit_templates(model, tok, hparams.context_template_starts, hparams.context_template_length, hparams.seed)
+    return [t for g in groups for t in g], groups
+
+
+def target_settings(hparams) -> TargetSettings:
+    return TargetSettings(
+        hparams.fact_token, hparams.v_num_grad_steps, hparams.v_lr, hparams.v_weight_decay,
+        hparams.clamp_norm_factor, hparams.kl_factor,
+    )
+
+
+def compute_targets(model, tok, cases, hparams) -> tuple[torch.Tensor, dict]:
+    """Z: ``[d_model, n]`` targets of the residual stream after the last edited layer."""
+    flat, _ = memit_templates_flat(model, tok, hparams)
+    settings = target_settings(hparams)
+    found = [optimize_target(model, tok, c, hparams.layers[-1], "block", flat, settings) for c in cases]
+    info = {
+        "loss": sum(t.loss for t in found) / len(found),
+        "steps": sum(t.steps for t in found) / len(found),
+        "target_prob": sum(t.target_prob for t in found) / len(found),
+    }
+    return torch.stack([t.value for t in found], 1), info
+
+
+def memit_keys(model, tok, cases, layer: int, hparams) -> torch.Tensor:
+    """K at ``layer``: ``[d_in, n]``, the mean of the plain-prompt key and the context-templates key."""
+    _, groups = memit_templates_flat(model, tok, hparams)
+    per_group = [keys_at(model, tok, cases, g, [layer], hparams.fact_token)[layer][0] for g in groups]
+    return torch.stack(per_group).mean(0).T
+
+
+def current_outputs(model, tok, cases, hparams) -> torch.Tensor:
+    """h_L at the plain prompts' lookup positions on the model as it is now: ``[d_model, n]``."""
+    return keys_at(model, tok, cases, ["{}"], [hparams.layers[-1]], hparams.fact_token, part="block")[hparams.layers[-1]][1].T
+
+
+def solve_update(residual: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor, weight: float) -> torch.Tensor:
+    """ΔW = R Kᵀ (λ C0 + K Kᵀ)⁻¹ in float64: ``R: [d_out, n]``, ``K: [d_in, n]`` -> ``[d_out, d_in]``."""
+    k = keys.double()
+    system = weight * c0.to(k.device).double() + k @ k.T
+    adj = torch.linalg.solve(system, k)  # (λC0 + KKᵀ)⁻¹ K, [d_in, n]; the system is symmetric
+    return (residual.double() @ adj.T).float()
+
+
+@register("MEMIT", MEMITHyperParams, batchable=True)
+def compute_update(model, tok, cases: Sequence, hparams: MEMITHyperParams, stats, state=None) -> EditResult:
+    layers = [check_layer(model, layer) for layer in hparams.layers]
+    check_cases(cases, tok)
+    stats.prefetch(layers)
+    z, info = compute_targets(model, tok, cases, hparams)
+    originals = {layer: get_weight(model, layer).detach().clone() for layer in layers}
+    result = EditResult(deltas={}, info=info)
+    try:
+        residual = None
+        for i, layer in enumerate(layers):
+            keys = memit_keys(model, tok, cases, layer, hparams)
+            if residual is None or hparams.residual_spread == "recompute":
+                residual = z - current_outputs(model, tok, cases, hparams)
+            delta = solve_update(residual / (len(layers) - i), keys, stats[layer], hparams.mom2_update_weight)
+            add_to_weight(model, layer, delta)  # later layers' keys and residuals see this layer's edit
+            result.deltas[layer] = delta
+            result.keys[layer] = keys
+            result.residuals[layer] = residual
+    finally:
+        for layer, weight in originals.items():
+            set_weight(model, layer, weight)
+    return result

@@ -1,0 +1,127 @@
+"""The target value an edit must write: ROME's v* (``compute_v``) and MEMIT's z (``compute_z``).
+
+A vector δ is added to one module's output at the lookup position of every rewriting prompt
+(context template + prompt + all target tokens but the last). δ minimises
+
+    NLL(target_new | rewriting prompts)                      (mean per token, mean over prompts)
+  + kl_factor · KL(p_δ || p_0) on "{subject} is a"          (next-token distribution at its lookup position)
+  + v_weight_decay · ||δ|| / ||v_0||²
+
+with Adam, projecting δ onto the ball ``||δ|| <= clamp_norm_factor · ||v_0||`` after every step and
+stopping early once the loss is below 5e-2. ``v_0`` is the module's output at the plain prompt's
+lookup position; the result is ``v* = v_0 + δ``. ROME hooks the MLP output of the edited layer
+(``part="mlp_out"``); MEMIT the residual stream after its last edited layer (``part="block"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from kelib.editors.context import lookup_index, split_template
+from kelib.models import device_of, module_name, patch_output
+from kelib.tokens import encode, pad_batch, with_target
+
+EARLY_STOP_LOSS = 5e-2
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    fact_token: str
+    v_num_grad_steps: int
+    v_lr: float
+    v_weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+
+
+@dataclass
+class Target:
+    value: torch.Tensor  # v* = v_0 + δ, [d]
+    initial: torch.Tensor  # v_0, [d]
+    loss: float
+    steps: int
+    target_prob: float  # mean probability of the target tokens at the end
+
+
+def optimize_target(
+    model, tok, case, layer: int, part: str, templates: Sequence[str], settings: TargetSettings
+) -> Target:
+    """v* for one case at ``(layer, part)``; see the module docstring."""
+    device = device_of(model)
+    rows, lookups, target_spans, targets = [], [], [], []
+    for template in templates:
+        prefix = split_template(template)
+        full, start = with_target(tok, prefix + case.prompt, case.target_new)
+        rows.append(full[:-1])  # the last target token is predicted, never input
+        target_spans.append((start, len(full)))
+        targets.append(torch.tensor(full[start:], device=device))
+        lookups.append(lookup_index(tok, prefix, case.prompt, case.subject, settings.fact_token))
+    kl_prompt = f"{case.subject} is a"
+    rows.append(encode(tok, kl_prompt))
+    lookups.append(lookup_index(tok, "", kl_prompt, case.subject, settings.fact_token))
+    ids, mask = pad_batch(rows, tok.pad_token_id, device)
+    state: dict[str, torch.Tensor] = {}
+    row_index = torch.arange(len(rows), device=device)
+    lookup_tensor = torch.tensor(lookups, device=device)
+
+    def add_delta(hidden: torch.Tensor) -> torch.Tensor:
+        if "initial" not in state:
+            state["initial"] = hidden[0, lookups[0]].detach().float().clone()
+        hidden = hidden.clone()
+        hidden[row_index, lookup_tensor] = hidden[row_index, lookup_tensor] + delta.to(hidden.dtype)
+        return hidden
+
+    width = _width(model, layer, part, ids, mask)
+    delta = torch.zeros(width, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=settings.v_lr)
+    kl_init = None
+    loss_value, steps, target_prob = float("nan"), 0, 0.0
+    name = module_name(model, layer, part)
+    for step in range(settings.v_num_grad_steps):
+        optimizer.zero_grad()
+        with patch_output(model, name, add_delta):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logprobs = torch.log_softmax(logits, -1)
+        nlls, probs = [], []
+        for r, (s, e) in enumerate(target_spans):
+            lp = logprobs[r, s - 1 : e - 1].gather(-1, targets[r][:, None]).squeeze(-1)
+            nlls.append(-lp.mean())
+            probs.append(lp.exp().mean())
+        nll = torch.stack(nlls).mean()
+        kl_logprobs = logprobs[-1, lookups[-1]]
+        if kl_init is None:
+            kl_init = kl_logprobs.detach().clone()
+        kl = settings.kl_factor * torch.nn.functional.kl_div(
+            kl_init, kl_logprobs, log_target=True, reduction="sum"
+        )
+        decay = settings.v_weight_decay * delta.norm() / state["initial"].norm() ** 2
+        loss = nll + kl + decay
+        loss_value, steps, target_prob = loss.item(), step + 1, torch.stack(probs).mean().item()
+        if loss_value < EARLY_STOP_LOSS:
+            break
+        if step == settings.v_num_grad_steps - 1:
+            break
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            limit = settings.clamp_norm_factor * state["initial"].norm()
+            if delta.norm() > limit:
+                delta.mul_(limit / delta.norm())
+    initial = state["initial"]
+    return Target(initial + delta.detach(), initial, loss_value, steps, target_prob)
+
+
+@torch.no_grad()
+def _width(model, layer: int, part: str, ids, mask) -> int:
+    seen = {}
+
+    def grab(hidden):
+        seen["d"] = hidden.shape[-1]
+        return hidden
+
+    with patch_output(model, module_name(model, layer, part), grab):
+        model(input_ids=ids[:1, :2], attention_mask=mask[:1, :2])
+    return seen["d"]

@@ -1,0 +1,25 @@
+"""The embedded default: a small GPT-2-architecture model that kelib trains offline and caches.
+
+``ensure_model("default")`` returns the path of the built model (building it on first use);
+``kelib.models.load_model("kelib-default")`` loads it like any Hugging Face model.
+"""
+
+_EXPORTS = {
+    "ensure_model": "kelib.embedded.build",
+    "load_report": "kelib.embedded.build",
+    "model_dir": "kelib.embedded.build",
+    "world_cases": "kelib.embedded.build",
+    "Recipe": "kelib.embedded.recipe",
+    "load_recipe": "kelib.embedded.recipe",
+}
+
+
+def __getattr__(name):  # imported lazily: training pulls in the data layer and tokenizers
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(name)
+
+
+__all__ = sorted(_EXPORTS)
