@@ -78,3 +78,44 @@ def tiny_model(request, tiny_tokenizer):
 @pytest.fixture
 def tiny_gpt2(tiny_tokenizer):
     return make_tiny_model("gpt2", len(tiny_tokenizer)), tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def micro_dir(kelib_cache):
+    """The micro embedded model, built once per test session (about a minute on 2 cores)."""
+    from kelib.embedded import ensure_model
+
+    return ensure_model("micro", progress=False)
+
+
+@pytest.fixture(scope="session")
+def micro(micro_dir):
+    """``(model, tokenizer, world cases)`` of the micro model, loaded like any local model."""
+    from kelib.embedded import world_cases
+    from kelib.models import load_model
+
+    model, tok = load_model(str(micro_dir))
+    return model, tok, world_cases("micro")
+
+
+@pytest.fixture(scope="session")
+def micro_stats(micro):
+    """Key second moments of the micro model (WikiText-2, as its editor hyperparameters ask)."""
+    from kelib.editors import load_hparams
+    from kelib.stats import statistics_for
+
+    model, tok, _ = micro
+    return statistics_for(model, tok, load_hparams("MEMIT", "kelib-micro"), progress=False)
+
+
+@pytest.fixture
+def untouched(micro):
+    """Fails the test if it leaves the micro model's weights changed."""
+    import torch
+
+    model = micro[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    yield
+    after = model.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert not changed, f"weights left changed: {changed}"

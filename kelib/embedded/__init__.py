@@ -1,7 +1,8 @@
 """The embedded default: a small GPT-2-architecture model that kelib trains offline and caches.
 
 ``ensure_model("default")`` returns the path of the built model (building it on first use);
-``kelib.models.load_model("kelib-default")`` loads it like any Hugging Face model.
+``kelib.models.load_model("kelib-default")`` loads it like any Hugging Face model;
+``embedded_task_dir("default")`` is its skills and held-out perplexity as lm-eval tasks.
 """
 
 _EXPORTS = {
@@ -9,6 +10,9 @@ _EXPORTS = {
     "load_report": "kelib.embedded.build",
     "model_dir": "kelib.embedded.build",
     "world_cases": "kelib.embedded.build",
+    "embedded_task_dir": "kelib.embedded.tasks",
+    "abilities_evaluator": "kelib.embedded.report",
+    "heldout_skills": "kelib.embedded.report",
     "Recipe": "kelib.embedded.recipe",
     "load_recipe": "kelib.embedded.recipe",
 }

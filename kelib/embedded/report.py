@@ -81,3 +81,39 @@ def knowledge_report(model, tok, world, heldout_skills: dict, text_heldout: Sequ
         report[f"skill_{skill}"] = choice_accuracy(model, tok, examples)
     report["heldout_perplexity"] = perplexity(model, tok, text_heldout)
     return report
+
+
+def heldout_skills(name: str = "default") -> dict[str, list[SkillExample]]:
+    """The held-out skill sets stored with built model ``name``."""
+    import json
+
+    from kelib.embedded.build import ensure_model
+
+    found = {}
+    for path in sorted((ensure_model(name) / "skills").glob("*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        found[path.stem] = [SkillExample(path.stem, r["prompt"], tuple(r["choices"]), r["label"]) for r in records]
+    return found
+
+
+def abilities_evaluator(name: str = "default", n_facts: int = 300, n_skill: int | None = None):
+    """An evaluator for :class:`kelib.runner.EditRun`: what an edited embedded model still knows and can do.
+
+    Returns ``evaluate(model, tok) -> {metric: value}`` with ``recall_unedited`` (top-1 recall of up
+    to ``n_facts`` neighbour facts: subjects no edit touches) and ``skill_<name>`` (held-out accuracy
+    of each skill, on the first ``n_skill`` examples).
+    """
+    from kelib.embedded.build import world_cases
+
+    cases = world_cases(name)[:n_facts]
+    prompts = [c.neighborhood_prompts[0] for c in cases]
+    answers = [c.neighborhood_answers[0] for c in cases]
+    skills = {k: v[:n_skill] for k, v in heldout_skills(name).items()}
+
+    def evaluate(model, tok) -> dict[str, float]:
+        out = {"recall_unedited": recall(model, tok, prompts, answers)}
+        for skill, examples in skills.items():
+            out[f"skill_{skill}"] = choice_accuracy(model, tok, examples)
+        return out
+
+    return evaluate

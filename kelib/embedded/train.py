@@ -98,20 +98,31 @@ def make_model(recipe: Recipe, vocab_size: int):
     return GPT2LMHeadModel(config)
 
 
-def epoch_rows(recipe: Recipe, data: TrainingData, tok, rng: random.Random) -> torch.Tensor:
+class _Encoded:
+    """Token ids of the fixed documents (fact statements, WikiText paragraphs), encoded once:
+    re-tokenizing them every epoch cost as much as training the micro model."""
+
+    def __init__(self, data: TrainingData, tok):
+        self.statements = tok(data.statements, add_special_tokens=True)["input_ids"]
+        self.paragraphs = tok(data.text_train, add_special_tokens=True)["input_ids"]
+
+
+def epoch_rows(
+    recipe: Recipe, data: TrainingData, tok, rng: random.Random, encoded: _Encoded | None = None
+) -> torch.Tensor:
     """One epoch of training rows ``[n_rows, seq_len]``: documents shuffled and packed."""
-    docs = list(data.statements)
+    encoded = encoded or _Encoded(data, tok)
+    docs = []
     for skill in data.train_skills:
         n = round(recipe.skill_examples_per_epoch * recipe.skill_weights.get(skill, 1.0))
         docs += [data.train_skills[skill](rng).text for _ in range(n)]
-    ids = tok(docs, add_special_tokens=True)["input_ids"]
+    ids = list(encoded.statements) + (tok(docs, add_special_tokens=True)["input_ids"] if docs else [])
     n_tokens = sum(len(x) for x in ids)
     want_text = int(n_tokens * recipe.text_fraction / max(1e-9, 1 - recipe.text_fraction))
     text_ids: list[list[int]] = []
     got = 0
     while got < want_text:
-        para = rng.choice(data.text_train)
-        piece = tok(para, add_special_tokens=True)["input_ids"]
+        piece = rng.choice(encoded.paragraphs)
         start = rng.randrange(max(1, len(piece) - recipe.seq_len))
         chunk = piece[:1] + piece[start + 1 : start + recipe.seq_len]
         text_ids.append(chunk)
@@ -131,7 +142,8 @@ def train(recipe: Recipe, progress: bool = True):
     data = prepare_data(recipe)
     tok = make_tokenizer(recipe, data)
     model = make_model(recipe, len(tok))
-    rows_per_epoch = len(epoch_rows(recipe, data, tok, random.Random(recipe.seed + 99)))
+    encoded = _Encoded(data, tok)
+    rows_per_epoch = len(epoch_rows(recipe, data, tok, random.Random(recipe.seed + 99), encoded))
     total_steps = recipe.epochs * math.ceil(rows_per_epoch / recipe.batch_size)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -146,7 +158,7 @@ def train(recipe: Recipe, progress: bool = True):
     bar = tqdm(total=total_steps, desc="training embedded model", unit="step", disable=not progress)
     step = 0
     for epoch in range(recipe.epochs):
-        rows = epoch_rows(recipe, data, tok, rng)
+        rows = epoch_rows(recipe, data, tok, rng, encoded)
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(recipe.seed + epoch))
         for lo in range(0, len(rows), recipe.batch_size):
             batch = rows[order[lo : lo + recipe.batch_size]]
