@@ -32,8 +32,9 @@ endif
 	-git config filter.nbstripout.extrakeys "metadata.papermill cell.metadata.papermill cell.metadata.execution"
 	touch $@
 
+# The default suite (CI): everything but the checks that need the full embedded default model.
 test: setup
-	$(OFFLINE) $(PY) -m pytest -q tests
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow" tests
 
 # The checks on the full embedded default model (builds it once, ~10 min on 2 cores).
 test-slow: setup
@@ -46,7 +47,7 @@ lab: setup
 	$(PY) -m jupyter lab notebooks/
 
 benchmarks: setup
-	$(OFFLINE) $(PY) -m kelib.benchmarks
+	for b in benchmarks/bench_*.py; do $(OFFLINE) $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache

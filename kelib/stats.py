@@ -28,9 +28,14 @@ log = logging.getLogger(__name__)
 
 CORPORA = {
     "wikitext2": "WikiText-2 raw test split, bundled (offline default)",
+    "embedded_world": "an embedded model's own training text (its fact statements and WikiText paragraphs)",
     "wikipedia": "wikimedia/wikipedia 20231101.en via datasets (online; ROME used the 2020 dump)",
 }
-CORPUS_VERSIONS = {"wikitext2": "wikitext-2-raw-v1/test", "wikipedia": "wikimedia/wikipedia/20231101.en"}
+CORPUS_VERSIONS = {
+    "wikitext2": "wikitext-2-raw-v1/test",
+    "wikipedia": "wikimedia/wikipedia/20231101.en",
+    "embedded_world": "embedded-world-v1",  # the model id (with its recipe hash) is part of the key
+}
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ def _compute(model, tok, layers, spec: StatsSpec, part: str, progress: bool) -> 
     device = device_of(model)
     bar = tqdm(total=spec.n_tokens, initial=state["count"], desc=f"key statistics {layers}", unit="tok",
                disable=not progress)
-    windows = _windows(tok, spec)
+    windows = _windows(tok, spec, model)
     for _ in range(state["batches"]):  # skip what the partial file already holds
         next(windows, None)
     while state["count"] < spec.n_tokens:
@@ -149,11 +154,11 @@ def _checkpoint(partial: dict[int, Path], state: dict) -> None:
             torch.save({"sum": state["sum"][layer], "count": state["count"], "batches": state["batches"]}, tmp)
 
 
-def _windows(tok, spec: StatsSpec) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _windows(tok, spec: StatsSpec, model=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     from kelib.tokens import pad_batch
 
     batch: list[list[int]] = []
-    for text in _texts(spec.corpus):
+    for text in _texts(spec.corpus, model):
         ids = tok(text)["input_ids"]
         for lo in range(0, len(ids), spec.max_length):
             window = ids[lo : lo + spec.max_length]
@@ -166,8 +171,10 @@ def _windows(tok, spec: StatsSpec) -> Iterator[tuple[torch.Tensor, torch.Tensor]
         yield pad_batch(batch, tok.pad_token_id)
 
 
-def _texts(corpus: str) -> Iterator[str]:
-    if corpus == "wikitext2":
+def _texts(corpus: str, model=None) -> Iterator[str]:
+    if corpus == "embedded_world":
+        yield from _embedded_world_texts(model)
+    elif corpus == "wikitext2":
         raw = gzip.open(bundled("corpus", "wiki.test.raw.gz"), "rt", encoding="utf-8").read()
         for para in raw.split("\n"):
             para = para.strip()
@@ -185,6 +192,32 @@ def _texts(corpus: str) -> Iterator[str]:
                 "could not stream Wikipedia (wikimedia/wikipedia 20231101.en); offline, use "
                 "StatsSpec(corpus='wikitext2')"
             ) from err
+
+
+def _embedded_world_texts(model) -> Iterator[str]:
+    """What an embedded model was trained on, shuffled: the analogue of Wikipedia for GPT-2 XL.
+
+    C must describe the keys the model meets in its own text; an embedded model trained mostly on
+    short fact statements sees few of them in WikiText, and a C⁻¹ from WikiText alone cannot tell
+    one subject's key from another's at the same template (edits then leak to neighbours)."""
+    import json
+    import random
+
+    from kelib.config import from_dict
+    from kelib.embedded.recipe import Recipe
+    from kelib.embedded.train import prepare_data
+
+    report = Path(str(getattr(model.config, "_name_or_path", ""))) / "report.json"
+    if not report.exists():
+        raise ValueError(
+            "corpus 'embedded_world' needs an embedded model loaded from its folder (kelib-default, "
+            f"kelib-micro); this model has no {report}"
+        )
+    recipe = from_dict(Recipe, json.loads(report.read_text())["provenance"]["recipe"], where=str(report))
+    data = prepare_data(recipe)
+    texts = list(data.statements) + list(data.text_train)
+    random.Random(0).shuffle(texts)
+    yield from texts
 
 
 class KeyStatistics:
@@ -206,3 +239,14 @@ class KeyStatistics:
     def __getitem__(self, layer: int) -> torch.Tensor:
         self.prefetch([layer])
         return self._cache[layer]
+
+
+def statistics_for(model, tok, hparams, progress: bool = True) -> KeyStatistics:
+    """The :class:`KeyStatistics` an editor's hyperparameters ask for (``mom2_dataset``,
+    ``mom2_n_tokens``, ``mom2_dtype``); defaults for editors that name none (FT)."""
+    spec = StatsSpec(
+        corpus=getattr(hparams, "mom2_dataset", StatsSpec.corpus),
+        n_tokens=getattr(hparams, "mom2_n_tokens", StatsSpec.n_tokens),
+        dtype=getattr(hparams, "mom2_dtype", StatsSpec.dtype),
+    )
+    return KeyStatistics(model, tok, spec, progress=progress)

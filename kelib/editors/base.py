@@ -84,17 +84,38 @@ def get_editor(name: str) -> Editor:
     return EDITORS[name]
 
 
-def load_hparams(method: str, model_key: str, overrides: dict | None = None):
-    """Hyperparameters of ``method`` for ``model_key`` from ``params/hparams/<method>/<model_key>.yaml``.
+# Hub ids and local names of the papers' models -> the file stem of their hyperparameters.
+MODEL_KEYS = {
+    "gpt2-xl": "gpt2-xl",
+    "openai-community/gpt2-xl": "gpt2-xl",
+    "eleutherai/gpt-j-6b": "gpt-j-6b",
+    "gpt-j-6b": "gpt-j-6b",
+    "meta-llama/llama-2-7b-hf": "llama-2-7b",
+    "llama-2-7b": "llama-2-7b",
+    "meta-llama/meta-llama-3-8b": "llama3-8b",
+    "meta-llama/llama-3.1-8b": "llama3-8b",
+    "llama3-8b": "llama3-8b",
+}
 
-    ``overrides`` (a dict of field -> value, e.g. from a notebook parameter) are applied last and
-    checked like the file's keys.
+
+def model_key(model_name: str) -> str:
+    """The hyperparameter file stem for a model name (``kelib-default`` and friends map to themselves)."""
+    return MODEL_KEYS.get(model_name.lower(), model_name)
+
+
+def load_hparams(method: str, model_name: str, overrides: dict | None = None):
+    """Hyperparameters of ``method`` for a model, from ``params/hparams/<method>/<key>.yaml``.
+
+    ``model_name`` is a hub id, a known short name or an embedded model (``kelib-default``); see
+    :data:`MODEL_KEYS`. ``overrides`` (a dict of field -> value, e.g. from a notebook parameter) are
+    applied last and checked like the file's keys.
     """
     editor = get_editor(method)
-    path = HPARAMS_DIR / method / f"{model_key}.yaml"
+    model_key_ = model_key(model_name)
+    path = HPARAMS_DIR / method / f"{model_key_}.yaml"
     if not path.exists():
         available = sorted(p.stem for p in (HPARAMS_DIR / method).glob("*.yaml"))
-        raise ConfigError(f"no hyperparameters for {method} on {model_key!r} ({path}); available: {available}")
+        raise ConfigError(f"no hyperparameters for {method} on {model_name!r} ({path}); available: {available}")
     hparams = load_yaml(editor.hparams_class, path)
     if overrides:
         known = {f.name for f in dataclasses.fields(hparams)}

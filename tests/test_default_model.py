@@ -1,0 +1,57 @@
+"""Checks on the full embedded default model (``make test-slow``: builds it once, ~12 min on 2 cores).
+
+Its training targets are printed by ``benchmarks/bench_embedded.py``; here are the editing checks
+the editors issue asks for: single ROME and MEMIT edits land on it.
+"""
+
+import pytest
+
+from kelib.editors import load_hparams
+from kelib.runner import RunSpec, run_edits
+from kelib.stats import statistics_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default():
+    from kelib.embedded import world_cases
+    from kelib.models import load_model
+
+    model, tok = load_model("kelib-default")
+    return model, tok, world_cases("default")
+
+
+# Known shortfalls of the current default model (strict: a fix makes these tests fail until the
+# mark is removed). It looks facts up at the prompt's last token, where a neighbour with the same
+# template shares ~30% of the edit key (u·k_nb / u·k), so an edit strong enough to land leaks to it.
+SHORTFALL = {
+    ("ROME", "neighborhood_success"): "ROME: specificity ~0.5 on the default model",
+    ("MEMIT", "efficacy_success"): "MEMIT: efficacy ~0.85 at λ = 2000 (lower λ lands, but leaks more)",
+    ("MEMIT", "neighborhood_success"): "MEMIT: specificity ~0.7 on the default model",
+}
+TARGETS = {"efficacy_success": 0.95, "paraphrase_success": 0.70, "neighborhood_success": 0.90}
+
+
+@pytest.fixture(scope="module")
+def single_edit_scores(default):
+    model, tok, cases = default
+    scores = {}
+    for editor in ("ROME", "MEMIT"):
+        hp = load_hparams(editor, "kelib-default")
+        stats = statistics_for(model, tok, hp, progress=False)
+        table = run_edits(model, tok, cases, RunSpec(editor, "single", n_edits=40), hp, stats, progress=False)
+        scores[editor] = table[table.scope == "edits"].set_index("metric").value
+    return scores
+
+
+@pytest.mark.parametrize(
+    "editor,metric",
+    [
+        pytest.param(e, m, marks=pytest.mark.xfail(reason=SHORTFALL[(e, m)], strict=True) if (e, m) in SHORTFALL else ())
+        for e in ("ROME", "MEMIT")
+        for m in TARGETS
+    ],
+)
+def test_single_edits_land_on_the_default_model(single_edit_scores, editor, metric):
+    assert single_edit_scores[editor][metric] >= TARGETS[metric]
