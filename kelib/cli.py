@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--notebooks", metavar="DIR", help="notebook sources (default: notebooks/)")
 
     build = sub.add_parser("build-model", help="build (or find cached) an embedded model")
-    build.add_argument("name", nargs="?", default="default", choices=["default", "micro"],
-                       help="recipe in params/embedded.yaml (default: default)")
+    build.add_argument("name", nargs="?", default="default",
+                       help="a recipe in params/embedded.yaml (default: default)")
+    build.add_argument("--device", default="cpu", help="train on this device, e.g. cuda (default: cpu)")
     return parser
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build-model":
         from kelib.embedded import ensure_model
 
-        print(ensure_model(args.name))
+        print(ensure_model(args.name, device=args.device))
         return 0
     raise AssertionError(args.command)
 

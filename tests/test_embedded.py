@@ -46,7 +46,7 @@ def test_a_changed_recipe_gets_a_new_cache_key():
 def test_an_interrupted_build_leaves_nothing_behind(monkeypatch):
     recipe = dataclasses.replace(load_recipe("micro"), seed=12345)
 
-    def interrupted(name, recipe, out, progress):
+    def interrupted(name, recipe, out, progress, **kwargs):
         out.mkdir(parents=True)
         (out / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt

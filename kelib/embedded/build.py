@@ -53,21 +53,27 @@ def provenance(recipe: Recipe) -> dict:
     }
 
 
-def model_dir(name: str, recipe: Recipe | None = None) -> Path:
+def model_dir(name: str, recipe: Recipe | None = None, device: str = "cpu") -> Path:
     recipe = recipe or load_recipe(name)
-    return cache_dir("models") / f"{name}-{stable_hash(provenance(recipe), 12)}"
+    key = provenance(recipe) | ({} if device == "cpu" else {"trained_on": torch.device(device).type})
+    return cache_dir("models") / f"{name}-{stable_hash(key, 12)}"
 
 
-def ensure_model(name: str = "default", recipe: Recipe | None = None, progress: bool = True) -> Path:
-    """Path of the built model ``name`` (a recipe in ``params/embedded.yaml``), building it if needed."""
+def ensure_model(name: str = "default", recipe: Recipe | None = None, progress: bool = True,
+                 device: str = "cpu") -> Path:
+    """Path of the built model ``name`` (a recipe in ``params/embedded.yaml``), building it if needed.
+
+    ``device="cuda"`` trains on a GPU (a larger recipe, say); such a model is cached apart from a
+    CPU-trained one of the same recipe, since the two differ in their last bits.
+    """
     recipe = recipe or load_recipe(name)
-    target = model_dir(name, recipe)
+    target = model_dir(name, recipe, device)
     if (target / "report.json").exists():
         return target
     tmp = target.with_name(f".{target.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _build(name, recipe, tmp, progress)
+        _build(name, recipe, tmp, progress, device=device)
         if target.exists():  # another process finished the same build first
             shutil.rmtree(tmp)
         else:
@@ -77,12 +83,12 @@ def ensure_model(name: str = "default", recipe: Recipe | None = None, progress: 
     return target
 
 
-def _build(name: str, recipe: Recipe, out: Path, progress: bool) -> None:
+def _build(name: str, recipe: Recipe, out: Path, progress: bool, device: str = "cpu") -> None:
     from kelib.embedded.report import knowledge_report
     from kelib.embedded.train import train
 
     threads = torch.get_num_threads()
-    model, tok, data, seconds = train(recipe, progress=progress)
+    model, tok, data, seconds = train(recipe, progress=progress, device=device)
     out.mkdir(parents=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -101,6 +107,7 @@ def _build(name: str, recipe: Recipe, out: Path, progress: bool) -> None:
         "train_seconds": round(seconds, 1),
         "report_seconds": round(time.time() - started, 1),
         "threads": threads,
+        "device": device,
         "machine": platform.processor() or platform.machine(),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "n_facts": len(data.world.facts),

@@ -134,14 +134,15 @@ def epoch_rows(
     return torch.tensor(flat[: n_rows * recipe.seq_len]).view(n_rows, recipe.seq_len)
 
 
-def train(recipe: Recipe, progress: bool = True):
-    """Train a model from ``recipe``. Returns ``(model, tokenizer, data, seconds)``."""
+def train(recipe: Recipe, progress: bool = True, device: str = "cpu"):
+    """Train a model from ``recipe`` on ``device``. Returns ``(model, tokenizer, data, seconds)``,
+    the model back on the CPU."""
     start = time.time()
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
     data = prepare_data(recipe)
     tok = make_tokenizer(recipe, data)
-    model = make_model(recipe, len(tok))
+    model = make_model(recipe, len(tok)).to(device)
     encoded = _Encoded(data, tok)
     rows_per_epoch = len(epoch_rows(recipe, data, tok, random.Random(recipe.seed + 99), encoded))
     total_steps = recipe.epochs * math.ceil(rows_per_epoch / recipe.batch_size)
@@ -161,8 +162,8 @@ def train(recipe: Recipe, progress: bool = True):
         rows = epoch_rows(recipe, data, tok, rng, encoded)
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(recipe.seed + epoch))
         for lo in range(0, len(rows), recipe.batch_size):
-            batch = rows[order[lo : lo + recipe.batch_size]]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+            batch = rows[order[lo : lo + recipe.batch_size]].to(device)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=recipe.bf16):
                 loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -174,7 +175,7 @@ def train(recipe: Recipe, progress: bool = True):
             if step % 50 == 0:
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
     bar.close()
-    model.eval().requires_grad_(False)
+    model.cpu().eval().requires_grad_(False)
     return model, tok, data, time.time() - start
 
 

@@ -1,0 +1,73 @@
+"""Every notebook runs end to end with its smoke params (micro model) and writes the numbers it claims."""
+
+import json
+
+import pytest
+
+from kelib.reproduce import list_notebooks, reproduce
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, micro_dir):
+    out = tmp_path_factory.mktemp("figures")
+    runs = tmp_path_factory.mktemp("runs")
+    results = reproduce("params/smoke", out_root=out, runs_root=runs, progress_bar=False, log=lambda line: None)
+    return {r.name: r for r in results}, out / "smoke"
+
+
+def numbers(smoke, name):
+    return json.loads((smoke[1] / name / "numbers.json").read_text())
+
+
+def test_every_notebook_runs_and_writes_figures_and_tables(smoke):
+    results, out = smoke
+    assert sorted(results) == sorted(list_notebooks())
+    failed = {name: r.error for name, r in results.items() if not r.ok}
+    assert not failed
+    for name in results:
+        files = {p.suffix for p in (out / name).iterdir()}
+        assert {".png", ".pdf", ".csv", ".md", ".json"} <= files, name
+
+
+def test_tour_edit_lands_and_restores(smoke):
+    n = numbers(smoke, "00_tour")
+    assert n["efficacy_before"] is False and n["efficacy_after"] is True
+    assert n["p_new_prompt_after"] > n["p_true_prompt_after"]
+    assert n["restored_exactly"] is True
+    assert n["trace_peak_position"] in {"prompt last", "subject last", "subject other", "after subject", "before subject"}
+    early = n["effect_after_layer0"]
+    assert set(early) == {"subject last", "prompt last"} and all(-1 <= v <= 1 for v in early.values())
+
+
+def test_condition_number_notebook_shows_prune_bounds_it(smoke):
+    n = numbers(smoke, "condition_number")
+    assert set(n["prune_lower"]) == {"ROME + PRUNE", "MEMIT + PRUNE"}
+    assert all(n["prune_lower"].values())
+    for editor in ("ROME", "MEMIT"):
+        plain, pruned = n["sigma"][f"{editor}+none"], n["sigma"][f"{editor}+PRUNE"]
+        assert pruned["sigma_max_delta"] < plain["sigma_max_delta"]
+        assert plain["sigma_max_w0"] == pytest.approx(pruned["sigma_max_w0"])
+
+
+def test_l1_notebook_compares_d4s_with_plain_editors(smoke):
+    n = numbers(smoke, "l1_norm_explosion")
+    assert set(n["l1_ratio_final"]) == {"ROME", "MEMIT", "MEMIT + D4S"}
+    assert n["l1_ratio_final"]["ROME"] > 1
+    assert n["d4s_bounded"]["MEMIT + D4S"] == (n["l1_ratio_final"]["MEMIT + D4S"] < min(n["l1_ratio_final"]["ROME"], n["l1_ratio_final"]["MEMIT"]))
+
+
+def test_recovery_notebook_reports_each_regularizer(smoke):
+    n = numbers(smoke, "regularizer_recovery")
+    assert set(n["edit_mean"]) == {"ROME+none", "ROME+RECT", "ROME+PRUNE", "MEMIT+none", "MEMIT+RECT", "MEMIT+PRUNE", "MEMIT+D4S"}
+    for key, kept in n["edit_performance_kept"].items():
+        editor = key.split("+")[0]
+        assert kept == pytest.approx(n["edit_mean"][key] / n["edit_mean"][f"{editor}+none"])
+
+
+def test_side_effects_notebook_measures_abilities_before_and_after(smoke):
+    n = numbers(smoke, "side_effects")
+    assert {"recall_unedited", "skill_sentiment", "skill_topic"} <= set(n["abilities_unedited"])
+    assert len(n["abilities_after"]) == 3  # ROME seq., MEMIT batch, MEMIT seq.
+    assert n["claim_holds"] == all(v < 0 for v in n["mean_ability_change"].values())
+    for setting, scores in n["edit_metrics_after"].items():
+        assert scores["efficacy_success"] >= 0.5, setting
