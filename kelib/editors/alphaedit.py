@@ -18,20 +18,15 @@ from typing import Sequence
 
 import torch
 
-from kelib.editors.base import EditResult, FactToken, check_cases, register
+from kelib.editors.base import EditResult, check_cases, register
+from kelib.editors.target import TargetSettings
 from kelib.editors.memit import compute_targets, current_outputs, memit_keys
 from kelib.models import add_to_weight, check_layer, get_weight, set_weight
 
 
-@dataclass(frozen=True)
-class AlphaEditHyperParams:
+@dataclass(frozen=True, kw_only=True)
+class AlphaEditHyperParams(TargetSettings):
     layers: list[int]
-    fact_token: FactToken = "subject_last"
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
     nullspace_threshold: float = 2e-2  # eigenvalues of C0 below this span the protected null space
     L2: float = 10.0  # α, ridge on the update
     context_template_starts: list[str] = ("The", "Therefore", "Because", "I", "You")
@@ -39,7 +34,6 @@ class AlphaEditHyperParams:
     mom2_dataset: str = "wikitext2"
     mom2_n_tokens: int = 100_000
     mom2_dtype: str = "float32"
-    seed: int = 0
 
 
 def null_space_projection(c0: torch.Tensor, threshold: float) -> torch.Tensor:

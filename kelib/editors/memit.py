@@ -18,21 +18,15 @@ from typing import Literal, Sequence
 
 import torch
 
-from kelib.editors.base import EditResult, FactToken, check_cases, register
+from kelib.editors.base import EditResult, check_cases, register
 from kelib.editors.context import keys_at, memit_templates
 from kelib.editors.target import TargetSettings, optimize_target
 from kelib.models import add_to_weight, check_layer, get_weight, set_weight
 
 
-@dataclass(frozen=True)
-class MEMITHyperParams:
+@dataclass(frozen=True, kw_only=True)
+class MEMITHyperParams(TargetSettings):
     layers: list[int]
-    fact_token: FactToken = "subject_last"
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
     mom2_update_weight: float = 20000.0  # λ: weight of the preserved keys' second moment
     context_template_starts: list[str] = ("The", "Therefore", "Because", "I", "You")
     context_template_length: int = 10
@@ -40,7 +34,6 @@ class MEMITHyperParams:
     mom2_dataset: str = "wikitext2"
     mom2_n_tokens: int = 100_000
     mom2_dtype: str = "float32"
-    seed: int = 0
 
 
 def memit_templates_flat(model, tok, hparams) -> tuple[list[str], list[list[str]]]:
@@ -48,18 +41,10 @@ def memit_templates_flat(model, tok, hparams) -> tuple[list[str], list[list[str]
     return [t for g in groups for t in g], groups
 
 
-def target_settings(hparams) -> TargetSettings:
-    return TargetSettings(
-        hparams.fact_token, hparams.v_num_grad_steps, hparams.v_lr, hparams.v_weight_decay,
-        hparams.clamp_norm_factor, hparams.kl_factor,
-    )
-
-
 def compute_targets(model, tok, cases, hparams) -> tuple[torch.Tensor, dict]:
     """Z: ``[d_model, n]`` targets of the residual stream after the last edited layer."""
     flat, _ = memit_templates_flat(model, tok, hparams)
-    settings = target_settings(hparams)
-    found = [optimize_target(model, tok, c, hparams.layers[-1], "block", flat, settings) for c in cases]
+    found = [optimize_target(model, tok, c, hparams.layers[-1], "block", flat, hparams) for c in cases]
     info = {
         "loss": sum(t.loss for t in found) / len(found),
         "steps": sum(t.steps for t in found) / len(found),

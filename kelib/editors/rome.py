@@ -23,28 +23,22 @@ from typing import Sequence
 
 import torch
 
-from kelib.editors.base import EditResult, FactToken, check_cases, register
+from kelib.editors.base import EditResult, check_cases, register
 from kelib.editors.context import keys_at, rome_templates
 from kelib.editors.target import TargetSettings, optimize_target
 from kelib.models import add_to_weight, check_layer, get_weight, set_weight
 
 
-@dataclass(frozen=True)
-class ROMEHyperParams:
+@dataclass(frozen=True, kw_only=True)
+class ROMEHyperParams(TargetSettings):
     layers: list[int]  # ROME edits exactly one layer
-    fact_token: FactToken = "subject_last"
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
     mom2_adjustment: bool = True  # u = C⁻¹ k̄ (EasyEdit's hparams switch this off)
     context_template_length_params: list[list[int]] = ((5, 10), (10, 10))
     original_key_use: bool = False  # True: the 2022 code's k* in the denominator (see module doc)
     mom2_dataset: str = "wikitext2"
     mom2_n_tokens: int = 100_000  # key vectors (tokens) in C; ROME counted 100k Wikipedia articles
     mom2_dtype: str = "float32"
-    seed: int = 0  # context templates are sampled
 
 
 @register("ROME", ROMEHyperParams, batchable=False)
@@ -79,11 +73,7 @@ def rank_one_update(model, tok, case, layer: int, templates, hparams: ROMEHyperP
     else:
         u = k_bar.clone()
     u = u / u.norm()
-    settings = TargetSettings(
-        hparams.fact_token, hparams.v_num_grad_steps, hparams.v_lr, hparams.v_weight_decay,
-        hparams.clamp_norm_factor, hparams.kl_factor,
-    )
-    target = optimize_target(model, tok, case, layer, "mlp_out", templates, settings)
+    target = optimize_target(model, tok, case, layer, "mlp_out", templates, hparams)
     if hparams.original_key_use:
         k, out = (t[0] for t in keys_at(model, tok, [case], ["{}"], [layer], hparams.fact_token)[layer])
     else:

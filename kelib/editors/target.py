@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from kelib.editors.base import FactToken
 from kelib.editors.context import lookup_index, split_template
 from kelib.models import device_of, module_name, patch_output
 from kelib.tokens import encode, pad_batch, with_target
@@ -27,14 +28,18 @@ from kelib.tokens import encode, pad_batch, with_target
 EARLY_STOP_LOSS = 5e-2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TargetSettings:
-    fact_token: str
-    v_num_grad_steps: int
-    v_lr: float
-    v_weight_decay: float
-    clamp_norm_factor: float
-    kl_factor: float
+    """Hyperparameters of the target-value optimisation, shared by ROME, MEMIT and AlphaEdit (whose
+    hyperparameter classes extend this one and may change its defaults)."""
+
+    fact_token: FactToken = "subject_last"
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    seed: int = 0  # context templates are sampled
 
 
 @dataclass
