@@ -59,6 +59,12 @@ def editor_color(name: str) -> str:
     return _lookup(EDITOR_COLORS, name, "editor")
 
 
+def setting_palette(settings) -> dict[str, str]:
+    """Colours for run labels such as ``"MEMIT + D4S"`` or ``"ROME seq. (b=1)"``: the editor's colour
+    (the first word), so a figure's ROME lines are ROME's blue; tell regularizers apart by line style."""
+    return {s: editor_color(str(s).split(" ")[0]) for s in settings}
+
+
 def regularizer_style(name: str | None, lines: bool = True) -> dict[str, str]:
     """Matplotlib kwargs for regularizer ``name`` (``None`` means ``"none"``).
 

@@ -63,7 +63,8 @@ plotting.save_table(spectrum[["setting", "checkpoint", "condition_number", "sigm
                     out_dir, "condition_number")
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharex=True)
 for ax, col, title in [(axes[0], "condition_number", "condition number κ(W)"), (axes[1], "sigma_max", "σmax(W)")]:
-    sns.lineplot(data=spectrum, x="checkpoint", y=col, hue="setting", style="setting", marker="o", ax=ax, legend=ax is axes[-1])
+    sns.lineplot(data=spectrum, x="checkpoint", y=col, hue="setting", style="setting", markers=True, ax=ax,
+                 palette=plotting.setting_palette(spectrum.setting.unique()), legend=ax is axes[-1])
     ax.set_title(title)
     ax.set_xlabel("sequential edits")
     ax.set_ylabel("")
@@ -94,6 +95,7 @@ for ax, editor in zip(axes, ["ROME", "MEMIT"]):
             "sigma_max_delta": float(singular_values(delta)[0]),
         }
     ax.set_yscale("log")
+    ax.set_ylim(bottom=1e-2)  # Δ has rank <= n_edits: below that, singular values are rounding noise
     ax.set_title(f"{editor}, layer {layer}, after {n_edits} edits")
     ax.set_xlabel("index")
 axes[0].set_ylabel("singular value")

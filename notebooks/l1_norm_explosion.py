@@ -65,7 +65,8 @@ fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharex=True)
 for ax, (col, title) in zip(axes, [("l1_ratio", "L1 norm of edited layers / before"),
                                    ("efficacy", "efficacy of edits so far"),
                                    ("abilities_mean", "mean general ability")]):
-    sns.lineplot(data=curves, x="checkpoint", y=col, hue="setting", marker="o", ax=ax, legend=ax is axes[-1])
+    sns.lineplot(data=curves, x="checkpoint", y=col, hue="setting", style="setting", markers=True, ax=ax,
+                 palette=plotting.setting_palette(curves.setting.unique()), legend=ax is axes[-1])
     ax.set_title(title)
     ax.set_xlabel("sequential edits")
     ax.set_ylabel("")
@@ -76,7 +77,9 @@ plotting.save_figure(fig, out_dir, "l1_norm_vs_edits")
 
 # %%
 def correlation(frame, col):
-    return float(np.corrcoef(frame.l1_ratio, frame[col])[0, 1]) if frame[col].std() > 0 and frame.l1_ratio.std() > 0 else float("nan")
+    """Pearson correlation over the checkpoints where both are defined (efficacy is not at 0 edits)."""
+    pair = frame[["l1_ratio", col]].dropna()
+    return float(pair.l1_ratio.corr(pair[col])) if len(pair) > 2 else float("nan")
 
 final = curves.groupby("setting").last()
 corr = {s: {"efficacy": correlation(f, "efficacy"), "abilities": correlation(f, "abilities_mean")}

@@ -68,14 +68,14 @@ curves = ability[ability.protocol == "sequential"]
 metrics = sorted(curves.metric.unique())
 fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.0), sharex=True, squeeze=False)
 for ax, metric in zip(axes[0], metrics):
-    sns.lineplot(data=curves[curves.metric == metric], x="checkpoint", y="value", hue="setting", marker="o", ax=ax,
-                 legend=ax is axes[0][-1])
+    sns.lineplot(data=curves[curves.metric == metric], x="checkpoint", y="value", hue="setting", style="setting",
+                 markers=True, palette=plotting.setting_palette(curves.setting.unique()), ax=ax, legend=ax is axes[0][-1])
     ax.axhline(before[metric], color="grey", lw=0.8, ls=":")
     ax.set_title(metric.replace("skill_", "skill: "))
     ax.set_xlabel("edits")
     ax.set_ylabel("")
 axes[0][-1].legend(loc="center left", bbox_to_anchor=(1, 0.5))
-fig.suptitle(f"General abilities as sequential edits accumulate ({model_name})")
+fig.suptitle(f"General abilities as sequential edits accumulate ({model_name})", y=1.06)
 plotting.provenance_caption(fig, {**setup.description, "n_edits": n_edits, "batch_size": batch_size})
 plotting.save_figure(fig, out_dir, "abilities_vs_edits")
 

@@ -64,8 +64,17 @@ def test_groups_and_tasks_are_discovered():
     assert all(descriptions[name] and descriptions[name] != name for name in mine)
 
 
-def test_every_task_runs_with_expected_metrics(tiny_gpt2):
-    model, tok = tiny_gpt2
+@pytest.fixture(params=["tiny", "micro"])
+def task_model(request):
+    """A tiny random GPT-2, and the micro embedded model (a trained model with its own tokenizer)."""
+    if request.param == "micro":
+        model, tok, _ = request.getfixturevalue("micro")
+        return model, tok
+    return request.getfixturevalue("tiny_gpt2")
+
+
+def test_every_task_runs_with_expected_metrics(task_model):
+    model, tok = task_model
     names = list(list_tasks())  # every YAML under kelib/tasks, including groups added later
     frame = evaluate_abilities(model, tok, names, limit=2, cache=False, progress=False)
     assert list(frame.columns) == ["task", "metric", "value", "stderr", "n"]
