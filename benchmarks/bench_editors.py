@@ -113,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50, help="single edits per editor")
     parser.add_argument("--batch", type=int, default=100, help="size of the batch edit")
-    parser.add_argument("--editors", nargs="+", default=list(EDITORS))
+    parser.add_argument("--editors", nargs="*", default=list(EDITORS), help="editors to benchmark (none: skip)")
     parser.add_argument("--sequential", type=int, default=0, metavar="N", help="N sequential ROME edits")
     parser.add_argument("--gpt2-xl-shape", action="store_true")
     parser.add_argument("--device", default="cpu")
