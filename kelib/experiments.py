@@ -10,6 +10,7 @@ notebooks that need the same run share it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,13 +18,19 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from kelib.editors import get_editor, load_hparams
+from kelib.editors import load_hparams
 from kelib.io import stable_hash
+from kelib.models import EMBEDDED_MODELS
 from kelib.paths import cache_dir
 from kelib.runner import RunSpec, run_edits
 from kelib.stats import statistics_for
 
-EMBEDDED = {"kelib-default": "default", "kelib-micro": "micro"}
+
+
+def _recipe_name(model_name: str) -> str | None:
+    """``"default"`` for ``kelib-default`` (a recipe in params/embedded.yaml); None for other models."""
+    return model_name.removeprefix("kelib-") if model_name in EMBEDDED_MODELS else None
+
 KEY_METRICS = {
     "efficacy_success": "efficacy",
     "paraphrase_success": "paraphrase",
@@ -66,11 +73,12 @@ def load_setup(
 
     model, tok = load_model(model_name, dtype=dtype, device=device)
     evaluators = {}
-    if model_name in EMBEDDED and dataset is None:
+    recipe = _recipe_name(model_name)
+    if recipe is not None and dataset is None:
         from kelib.embedded import abilities_evaluator, world_cases
 
-        cases = world_cases(EMBEDDED[model_name])
-        evaluators["abilities"] = abilities_evaluator(EMBEDDED[model_name], n_facts=n_facts, n_skill=n_skill)
+        cases = world_cases(recipe)
+        evaluators["abilities"] = abilities_evaluator(recipe, n_facts=n_facts, n_skill=n_skill)
         dataset = "world of the embedded model"
     else:
         from kelib.data import load_cases
@@ -89,10 +97,10 @@ def lm_eval_evaluator(tasks: list[str], limit: int | None, model_name: str):
     from kelib.evaluation import evaluate_abilities
 
     task_dirs = []
-    if model_name in EMBEDDED:
+    if _recipe_name(model_name) is not None:
         from kelib.embedded import embedded_task_dir
 
-        task_dirs.append(embedded_task_dir(EMBEDDED[model_name]))
+        task_dirs.append(embedded_task_dir(_recipe_name(model_name)))
 
     def evaluate(model, tok) -> dict[str, float]:
         table = evaluate_abilities(model, tok, tasks, limit=limit, task_dirs=task_dirs, progress=False)
@@ -129,14 +137,15 @@ def run_grid(
         params = dict(run.get("regularizer_params") or {})
         if regularizer == "D4S":  # D4S solves MEMIT's system: same λ as the editor
             params.setdefault("mom2_update_weight", hparams.mom2_update_weight)
+        protocol = run.get("protocol", "sequential")
         spec = RunSpec(
             editor=editor,
-            protocol=run.get("protocol", "sequential"),
+            protocol=protocol,
             n_edits=n_edits,
             batch_size=run.get("batch_size", 1),
             regularizer=regularizer,
             regularizer_params=params,
-            checkpoints=sorted(set(checkpoints) | {0}) if run.get("protocol", "sequential") == "sequential" else [],
+            checkpoints=sorted(set(checkpoints) | {0}) if protocol == "sequential" else [],
             max_eval_cases=max_eval_cases,
         )
         stats = statistics_for(setup.model, setup.tok, hparams, progress=progress)
@@ -154,7 +163,7 @@ def run_grid(
 
 def supports(editor: str, regularizer: str) -> bool:
     """Whether a regularizer applies to an editor (D4S needs MEMIT-family keys and residuals)."""
-    return regularizer != "D4S" or get_editor(editor).batchable and editor in ("MEMIT", "AlphaEdit")
+    return regularizer != "D4S" or editor in ("MEMIT", "AlphaEdit")
 
 
 def final_rows(grid: pd.DataFrame) -> pd.DataFrame:
@@ -215,8 +224,8 @@ def fact_table(model, tok, case) -> pd.DataFrame:
         "kind": [r[0] for r in rows],
         "prompt": prompts,
         "true answer": [r[2] for r in rows],
-        "P(true)": [float(torch.tensor(-s.nll).exp()) for s in true],
-        f"P({case.target_new})": [float(torch.tensor(-s.nll).exp()) for s in new],
+        "P(true)": [math.exp(-s.nll) for s in true],
+        f"P({case.target_new})": [math.exp(-s.nll) for s in new],
     })
 
 

@@ -200,20 +200,17 @@ def _embedded_world_texts(model) -> Iterator[str]:
     C must describe the keys the model meets in its own text; an embedded model trained mostly on
     short fact statements sees few of them in WikiText, and a C⁻¹ from WikiText alone cannot tell
     one subject's key from another's at the same template (edits then leak to neighbours)."""
-    import json
     import random
 
-    from kelib.config import from_dict
-    from kelib.embedded.recipe import Recipe
+    from kelib.embedded.build import recipe_of
     from kelib.embedded.train import prepare_data
 
-    report = Path(str(getattr(model.config, "_name_or_path", ""))) / "report.json"
-    if not report.exists():
+    try:
+        recipe = recipe_of(str(getattr(model.config, "_name_or_path", "")))
+    except FileNotFoundError as err:
         raise ValueError(
-            "corpus 'embedded_world' needs an embedded model loaded from its folder (kelib-default, "
-            f"kelib-micro); this model has no {report}"
-        )
-    recipe = from_dict(Recipe, json.loads(report.read_text())["provenance"]["recipe"], where=str(report))
+            f"corpus 'embedded_world' needs an embedded model loaded from its folder (kelib-default, kelib-micro): {err}"
+        ) from err
     data = prepare_data(recipe)
     texts = list(data.statements) + list(data.text_train)
     random.Random(0).shuffle(texts)

@@ -118,6 +118,16 @@ def _build(name: str, recipe: Recipe, out: Path, progress: bool, device: str = "
     write_json(out / "report.json", report)  # written last: its presence marks a complete build
 
 
+def recipe_of(model_path: str | Path) -> Recipe:
+    """The recipe a built model was trained from (recorded in its ``report.json``)."""
+    from kelib.config import from_dict
+
+    report = Path(model_path) / "report.json"
+    if not report.exists():
+        raise FileNotFoundError(f"{model_path} is not a built embedded model: it has no report.json")
+    return from_dict(Recipe, json.loads(report.read_text())["provenance"]["recipe"], where=str(report))
+
+
 def load_report(name: str = "default") -> dict:
     return json.loads((ensure_model(name) / "report.json").read_text())
 

@@ -85,13 +85,12 @@ def knowledge_report(model, tok, world, heldout_skills: dict, text_heldout: Sequ
 
 def heldout_skills(name: str = "default") -> dict[str, list[SkillExample]]:
     """The held-out skill sets stored with built model ``name``."""
-    import json
-
     from kelib.embedded.build import ensure_model
+    from kelib.tasks.common import read_records
 
     found = {}
     for path in sorted((ensure_model(name) / "skills").glob("*.jsonl")):
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_records(path)
         found[path.stem] = [SkillExample(path.stem, r["prompt"], tuple(r["choices"]), r["label"]) for r in records]
     return found
 

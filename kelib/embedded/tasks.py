@@ -18,9 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from kelib.embedded.build import ensure_model
-from kelib.embedded.recipe import Recipe
-from kelib.config import from_dict
+from kelib.embedded.build import ensure_model, recipe_of
+from kelib.embedded.train import split_paragraphs
 
 UTILS = '''"""Loader of the embedded model's tasks (written by kelib.embedded.tasks)."""
 
@@ -76,12 +75,6 @@ def _dump(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False, width=200).replace("'!function utils.load'", "!function utils.load")
 
 
-def heldout_paragraphs(recipe: Recipe) -> list[str]:
-    from kelib.embedded.train import wikitext_paragraphs
-
-    return [p for i, p in enumerate(wikitext_paragraphs()) if i % recipe.heldout_text_every == 0]
-
-
 def embedded_task_dir(name: str = "default") -> Path:
     """Root of the ``embedded`` task group for model ``name`` (built on first use)."""
     model = ensure_model(name)
@@ -89,8 +82,6 @@ def embedded_task_dir(name: str = "default") -> Path:
     group = root / "embedded"
     if (group / "utils.py").exists():
         return root
-    report = json.loads((model / "report.json").read_text())
-    recipe = from_dict(Recipe, report["provenance"]["recipe"], where=f"{model}/report.json")
     tmp = root.with_name(f".tasks-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "embedded").mkdir(parents=True)
@@ -99,7 +90,7 @@ def embedded_task_dir(name: str = "default") -> Path:
         shutil.copy(path, tmp / "embedded" / path.name)
         n = sum(1 for line in path.read_text().splitlines() if line.strip())
         (tmp / "embedded" / f"embedded_{skill}.yaml").write_text(_dump(_choice_task(skill, n)))
-    texts = heldout_paragraphs(recipe)
+    texts = split_paragraphs(recipe_of(model))[1]
     (tmp / "embedded" / "heldout_text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     (tmp / "embedded" / "embedded_perplexity.yaml").write_text(_dump(_perplexity_task(len(texts))))
     (tmp / "embedded" / "utils.py").write_text(UTILS)  # written last: marks a complete folder

@@ -41,13 +41,20 @@ def wikitext_paragraphs() -> list[str]:
     return [line for line in lines if len(line) > 40 and not line.startswith("=")]
 
 
+def split_paragraphs(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """WikiText paragraphs ``(trained on, held out for perplexity)``: every n-th is held out."""
+    paragraphs = wikitext_paragraphs()
+    every = recipe.heldout_text_every
+    return (
+        [p for i, p in enumerate(paragraphs) if i % every != 0],
+        [p for i, p in enumerate(paragraphs) if i % every == 0],
+    )
+
+
 def prepare_data(recipe: Recipe) -> TrainingData:
     world = build_world(recipe.n_cases, seed=recipe.seed)
     train_skills, heldout = skill_sets(world, recipe.skills, recipe.n_eval, seed=recipe.seed)
-    paragraphs = wikitext_paragraphs()
-    every = recipe.heldout_text_every
-    text_train = [p for i, p in enumerate(paragraphs) if i % every != 0]
-    text_heldout = [p for i, p in enumerate(paragraphs) if i % every == 0]
+    text_train, text_heldout = split_paragraphs(recipe)
     statements = [s for f in world.facts for s in training_statements(f, world.relations[f.relation_id])]
     return TrainingData(world, train_skills, heldout, text_train, text_heldout, statements)
 
