@@ -7,6 +7,12 @@ the nonlinearity, ``d_in``-dimensional) over generic text: ROME's ``u = C⁻¹ k
 Statistics are keyed by (model, layer, module, corpus and its version, number of tokens, dtype) and
 stored as ``{sum, count}`` so a run that is interrupted resumes from its last checkpoint. Offline,
 the bundled WikiText-2 test split is the corpus; online users can ask for Wikipedia (ROME's choice).
+
+Embedded models look facts up at the prompt's last token, not the subject's. Keys there are a small
+population in generic text, so a C0 over every token barely sees the direction that all prompts of
+one template share, and C⁻¹k leaks an edit to the neighbours that share it. ``lookup_share`` ρ mixes
+in the second moment of the keys at the lookup positions themselves (corpus ``embedded_prompts``):
+C0 = (1 − ρ) C_text + ρ C_lookup. ρ = 0 (the default, and the papers' setting) is plain C_text.
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ log = logging.getLogger(__name__)
 CORPORA = {
     "wikitext2": "WikiText-2 raw test split, bundled (offline default)",
     "embedded_world": "an embedded model's own training text (its fact statements and WikiText paragraphs)",
+    "embedded_prompts": "an embedded model's trained fact prompts, each counted at its last token only",
     "wikipedia": "wikimedia/wikipedia 20231101.en via datasets (online; ROME used the 2020 dump)",
 }
 CORPUS_VERSIONS = {
     "wikitext2": "wikitext-2-raw-v1/test",
     "wikipedia": "wikimedia/wikipedia/20231101.en",
     "embedded_world": "embedded-world-v1",  # the model id (with its recipe hash) is part of the key
+    "embedded_prompts": "embedded-prompts-v1",
 }
+LAST_TOKEN_CORPORA = {"embedded_prompts"}  # one key per text: where the model looks the fact up
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,7 @@ class StatsSpec:
     """Which text and how much of it: the part of the cache key that is not the model."""
 
     corpus: str = "wikitext2"
-    n_tokens: int = 100_000  # key vectors accumulated per layer
+    n_tokens: int | None = 100_000  # key vectors accumulated per layer; None: the whole corpus
     max_length: int = 128  # tokens per text window
     batch_size: int = 16
     dtype: str = "float32"  # accumulation precision; float64 for very small models is cheap
@@ -53,6 +62,16 @@ class StatsSpec:
             raise ValueError(f"unknown corpus {self.corpus!r}; choose from {sorted(CORPORA)}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"stats dtype must be float32 or float64, got {self.dtype!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecondMomentSettings:
+    """The hyperparameters that choose an editor's C0 (mixed into its hyperparameter dataclass)."""
+
+    mom2_dataset: str = "wikitext2"  # a key of CORPORA
+    mom2_n_tokens: int = 100_000  # key vectors (tokens) in C; ROME counted 100k Wikipedia articles
+    mom2_dtype: str = "float32"
+    mom2_lookup_share: float = 0.0  # ρ: share of C0 from keys at the lookup positions (embedded models)
 
 
 def model_id(model) -> str:
@@ -106,20 +125,26 @@ def _compute(model, tok, layers, spec: StatsSpec, part: str, progress: bool) -> 
     partial = {layer: stats_path(model, layer, spec, part).with_suffix(".partial.pt") for layer in layers}
     state = _resume(partial, layers)
     device = device_of(model)
+    limit = float("inf") if spec.n_tokens is None else spec.n_tokens
+    last_only = spec.corpus in LAST_TOKEN_CORPORA
     bar = tqdm(total=spec.n_tokens, initial=state["count"], desc=f"key statistics {layers}", unit="tok",
                disable=not progress)
     windows = _windows(tok, spec, model)
     for _ in range(state["batches"]):  # skip what the partial file already holds
         next(windows, None)
-    while state["count"] < spec.n_tokens:
+    while state["count"] < limit:
         batch = next(windows, None)
         if batch is None:
-            log.warning("corpus %s exhausted after %d tokens (asked for %d)", spec.corpus, state["count"], spec.n_tokens)
+            if spec.n_tokens is not None:
+                log.warning("corpus %s exhausted after %d tokens (asked for %d)", spec.corpus, state["count"],
+                            spec.n_tokens)
             break
         ids, mask = (t.to(device) for t in batch)
         with torch.no_grad(), capture(model, layers, part) as rec:
             model(input_ids=ids, attention_mask=mask)
         keep = mask.bool()
+        if last_only:  # right-padded: each row's last real token
+            keep = torch.zeros_like(keep).scatter_(1, mask.sum(1, keepdim=True) - 1, True)
         for layer in layers:
             keys = rec[layer]["key"][keep].to(dtype)
             state["sum"][layer] += (keys.T @ keys).cpu()
@@ -158,11 +183,12 @@ def _windows(tok, spec: StatsSpec, model=None) -> Iterator[tuple[torch.Tensor, t
     from kelib.tokens import pad_batch
 
     batch: list[list[int]] = []
+    shortest = 1 if spec.corpus in LAST_TOKEN_CORPORA else 8
     for text in _texts(spec.corpus, model):
         ids = tok(text)["input_ids"]
         for lo in range(0, len(ids), spec.max_length):
             window = ids[lo : lo + spec.max_length]
-            if len(window) >= 8:
+            if len(window) >= shortest:
                 batch.append(window)
             if len(batch) == spec.batch_size:
                 yield pad_batch(batch, tok.pad_token_id)
@@ -174,6 +200,8 @@ def _windows(tok, spec: StatsSpec, model=None) -> Iterator[tuple[torch.Tensor, t
 def _texts(corpus: str, model=None) -> Iterator[str]:
     if corpus == "embedded_world":
         yield from _embedded_world_texts(model)
+    elif corpus == "embedded_prompts":
+        yield from _embedded_prompts(model)
     elif corpus == "wikitext2":
         raw = gzip.open(bundled("corpus", "wiki.test.raw.gz"), "rt", encoding="utf-8").read()
         for para in raw.split("\n"):
@@ -194,6 +222,19 @@ def _texts(corpus: str, model=None) -> Iterator[str]:
             ) from err
 
 
+def _embedded_data(model, corpus: str):
+    from kelib.embedded.build import recipe_of
+    from kelib.embedded.train import prepare_data
+
+    try:
+        recipe = recipe_of(str(getattr(model.config, "_name_or_path", "")))
+    except FileNotFoundError as err:
+        raise ValueError(
+            f"corpus {corpus!r} needs an embedded model loaded from its folder (kelib-default, kelib-micro): {err}"
+        ) from err
+    return prepare_data(recipe)
+
+
 def _embedded_world_texts(model) -> Iterator[str]:
     """What an embedded model was trained on, shuffled: the analogue of Wikipedia for GPT-2 XL.
 
@@ -202,37 +243,50 @@ def _embedded_world_texts(model) -> Iterator[str]:
     one subject's key from another's at the same template (edits then leak to neighbours)."""
     import random
 
-    from kelib.embedded.build import recipe_of
-    from kelib.embedded.train import prepare_data
-
-    try:
-        recipe = recipe_of(str(getattr(model.config, "_name_or_path", "")))
-    except FileNotFoundError as err:
-        raise ValueError(
-            f"corpus 'embedded_world' needs an embedded model loaded from its folder (kelib-default, kelib-micro): {err}"
-        ) from err
-    data = prepare_data(recipe)
+    data = _embedded_data(model, "embedded_world")
     texts = list(data.statements) + list(data.text_train)
     random.Random(0).shuffle(texts)
     yield from texts
+
+
+def _embedded_prompts(model) -> Iterator[str]:
+    """Every trained fact prompt of an embedded model (each statement without its object)."""
+    from kelib.embedded.world import trained_prompts
+
+    world = _embedded_data(model, "embedded_prompts").world
+    for fact in world.facts:
+        yield from trained_prompts(fact, world.relations[fact.relation_id])
 
 
 class KeyStatistics:
     """C0 per layer for one model, computed or loaded once and kept in memory.
 
     Editors ask ``stats[layer]``; the spec is fixed for the object's lifetime (one run, one corpus).
+    With ``lookup_share`` ρ > 0, ``stats[layer]`` is (1 − ρ) C_text + ρ C_lookup, C_lookup from the
+    keys at the embedded model's lookup positions (see the module docstring).
     """
 
-    def __init__(self, model, tok, spec: StatsSpec = StatsSpec(), part: str = "mlp_out", progress: bool = True):
+    def __init__(self, model, tok, spec: StatsSpec = StatsSpec(), part: str = "mlp_out", progress: bool = True,
+                 lookup_share: float = 0.0):
+        if not 0.0 <= lookup_share <= 1.0:
+            raise ValueError(f"lookup_share must be in [0, 1], got {lookup_share}")
         self.model, self.tok, self.spec, self.part, self.progress = model, tok, spec, part, progress
+        self.lookup_share = lookup_share
         self._cache: dict[int, torch.Tensor] = {}
         self._siblings: dict[str, KeyStatistics] = {}
+        self._lookup_spec = StatsSpec(corpus="embedded_prompts", n_tokens=None, dtype=spec.dtype)
 
     def prefetch(self, layers: Sequence[int]) -> None:
-        """Compute all missing layers in one pass over the corpus."""
+        """Compute all missing layers in one pass over the corpus (two with a lookup share)."""
         missing = [layer for layer in layers if layer not in self._cache]
-        if missing:
-            self._cache.update(second_moments(self.model, self.tok, missing, self.spec, self.part, self.progress))
+        if not missing:
+            return
+        found = second_moments(self.model, self.tok, missing, self.spec, self.part, self.progress)
+        if self.lookup_share:
+            rho = self.lookup_share
+            lookup = second_moments(self.model, self.tok, missing, self._lookup_spec, self.part, self.progress)
+            found = {layer: (1 - rho) * found[layer] + rho * lookup[layer] for layer in missing}
+        self._cache.update(found)
 
     def __getitem__(self, layer: int) -> torch.Tensor:
         self.prefetch([layer])
@@ -243,16 +297,14 @@ class KeyStatistics:
         if part == self.part:
             return self
         if part not in self._siblings:
-            self._siblings[part] = KeyStatistics(self.model, self.tok, self.spec, part, self.progress)
+            self._siblings[part] = KeyStatistics(self.model, self.tok, self.spec, part, self.progress,
+                                                 self.lookup_share)
         return self._siblings[part]
 
 
 def statistics_for(model, tok, hparams, progress: bool = True) -> KeyStatistics:
-    """The :class:`KeyStatistics` an editor's hyperparameters ask for (``mom2_dataset``,
-    ``mom2_n_tokens``, ``mom2_dtype``); defaults for editors that name none (FT)."""
-    spec = StatsSpec(
-        corpus=getattr(hparams, "mom2_dataset", StatsSpec.corpus),
-        n_tokens=getattr(hparams, "mom2_n_tokens", StatsSpec.n_tokens),
-        dtype=getattr(hparams, "mom2_dtype", StatsSpec.dtype),
-    )
-    return KeyStatistics(model, tok, spec, progress=progress)
+    """The :class:`KeyStatistics` an editor's :class:`SecondMomentSettings` ask for; the defaults for
+    editors without them (FT)."""
+    settings = hparams if isinstance(hparams, SecondMomentSettings) else SecondMomentSettings()
+    spec = StatsSpec(corpus=settings.mom2_dataset, n_tokens=settings.mom2_n_tokens, dtype=settings.mom2_dtype)
+    return KeyStatistics(model, tok, spec, progress=progress, lookup_share=settings.mom2_lookup_share)

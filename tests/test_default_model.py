@@ -23,14 +23,11 @@ def default():
 
 
 # Known shortfalls of the current default model (strict: a fix makes these tests fail until the
-# mark is removed). It looks facts up at the prompt's last token, where a neighbour with the same
-# template shares ~30% of the edit key (u·k_nb / u·k), so an edit strong enough to land leaks to it.
-SHORTFALL = {  # measured on these 40 cases (benchmarks/bench_editors.py --n 40 prints the same run)
-    ("ROME", "efficacy_success"): "ROME: efficacy 0.825 on the default model",
-    ("ROME", "neighborhood_success"): "ROME: specificity 0.70 on the default model",
-    ("MEMIT", "efficacy_success"): "MEMIT: efficacy 0.825 at λ = 2000 (lower λ lands more, but leaks more)",
-    ("MEMIT", "paraphrase_success"): "MEMIT: paraphrase 0.525 on the default model",
-}
+# mark is removed). None since C0 mixes in the keys at the lookup position (mom2_lookup_share): before,
+# a neighbour with the same template shared ~30% of the edit key (u·k_nb / u·k) and ROME's
+# specificity was 0.70. On these 100 cases ROME scores 0.98 / 0.74 / 0.90 and MEMIT 1.00 / 0.70 / 0.95.
+SHORTFALL: dict[tuple[str, str], str] = {}
+N_CASES = 100  # the first 100 world cases (benchmarks/bench_editors.py --n 100 prints the same run)
 TARGETS = {"efficacy_success": 0.95, "paraphrase_success": 0.70, "neighborhood_success": 0.90}
 
 
@@ -41,7 +38,7 @@ def single_edit_scores(default):
     for editor in ("ROME", "MEMIT"):
         hp = load_hparams(editor, "kelib-default")
         stats = statistics_for(model, tok, hp, progress=False)
-        table = run_edits(model, tok, cases, RunSpec(editor, "single", n_edits=40), hp, stats, progress=False)
+        table = run_edits(model, tok, cases, RunSpec(editor, "single", n_edits=N_CASES), hp, stats, progress=False)
         scores[editor] = table[table.scope == "edits"].set_index("metric").value
     return scores
 

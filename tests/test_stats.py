@@ -92,3 +92,72 @@ def test_key_statistics_object_and_bad_spec(tiny_gpt2):
     assert provider[1].shape == (4 * 32, 4 * 32)
     with pytest.raises(ValueError, match="unknown corpus"):
         StatsSpec(corpus="reddit")
+
+
+def test_lookup_keys_are_one_per_trained_prompt_at_its_last_token(micro):
+    """C_lookup = mean of k kᵀ over the keys at each trained prompt's last token, nothing else."""
+    from dataclasses import replace
+
+    from kelib.editors.context import keys_at
+    from kelib.embedded import world_cases
+    from kelib.embedded.world import trained_prompts
+    from kelib.stats import _embedded_data
+
+    model, tok, _ = micro
+    spec = StatsSpec(corpus="embedded_prompts", n_tokens=None, dtype="float64")
+    c = stats.second_moments(model, tok, [0], spec, progress=False)[0]
+    saved = torch.load(stats.stats_path(model, 0, spec))
+    world = _embedded_data(model, "embedded_prompts").world
+    prompts = [p for f in world.facts for p in trained_prompts(f, world.relations[f.relation_id])]
+    assert saved["count"] == len(prompts)
+
+    case = world_cases("micro")[0]
+    as_cases = [replace(case, prompt=p, subject=p.split()[0]) for p in prompts]
+    keys = torch.cat([keys_at(model, tok, as_cases[i:i + 256], ["{}"], [0], "prompt_last")[0][0]
+                      for i in range(0, len(as_cases), 256)]).double()
+    assert torch.allclose(c.double(), keys.T @ keys / len(keys), rtol=1e-4, atol=1e-6)
+
+
+def test_lookup_share_mixes_the_two_second_moments(micro):
+    model, tok, _ = micro
+    spec = StatsSpec(corpus="embedded_world", n_tokens=2000)
+    text = stats.second_moments(model, tok, [1], spec, progress=False)[1]
+    lookup = stats.second_moments(model, tok, [1], StatsSpec(corpus="embedded_prompts", n_tokens=None), progress=False)[1]
+    assert not torch.allclose(text, lookup, rtol=0.1)
+    mixed = KeyStatistics(model, tok, spec, progress=False, lookup_share=0.75)
+    assert torch.allclose(mixed[1], 0.25 * text + 0.75 * lookup)
+    assert torch.equal(KeyStatistics(model, tok, spec, progress=False)[1], text)
+    attn = mixed.for_part("attn_out")
+    assert attn.lookup_share == 0.75 and attn[1].shape == (model.config.n_embd, model.config.n_embd)
+    with pytest.raises(ValueError, match="lookup_share"):
+        KeyStatistics(model, tok, spec, lookup_share=1.5)
+
+
+def test_lookup_keys_need_an_embedded_model(tiny_gpt2):
+    model, tok = tiny_gpt2
+    with pytest.raises(ValueError, match="needs an embedded model"):
+        stats.second_moments(model, tok, [0], StatsSpec(corpus="embedded_prompts", n_tokens=None), progress=False)
+
+
+def test_lookup_share_shrinks_the_neighbour_leak(micro):
+    """Why the embedded hyperparameters set it: with C_lookup mixed in, a neighbour prompt of the same
+    relation shares less of the edit's u·k (u = C⁻¹k̄) than with C from text alone."""
+    from dataclasses import replace
+
+    from kelib.editors.context import keys_at
+
+    model, tok, cases = micro
+    cases = cases[:40]
+    neighbours = [replace(c, prompt=c.neighborhood_prompts[0], subject=c.neighborhood_prompts[0].split()[0])
+                  for c in cases]
+    layer = 1
+    k = keys_at(model, tok, cases, ["{}"], [layer], "prompt_last")[layer][0].double()
+    k_nb = keys_at(model, tok, neighbours, ["{}"], [layer], "prompt_last")[layer][0].double()
+    spec = StatsSpec(corpus="embedded_world", n_tokens=20_000)
+
+    def median_leak(share):
+        c = KeyStatistics(model, tok, spec, progress=False, lookup_share=share)[layer].double()
+        u = torch.linalg.solve(c, k.T).T
+        return float(((u * k_nb).sum(1) / (u * k).sum(1)).median())
+
+    assert median_leak(0.97) < 0.5 * median_leak(0.0)

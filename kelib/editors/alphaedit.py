@@ -22,18 +22,16 @@ from kelib.editors.base import EditResult, check_cases, register
 from kelib.editors.target import TargetSettings
 from kelib.editors.memit import compute_targets, current_outputs, memit_keys
 from kelib.models import add_to_weight, check_layer, get_weight, set_weight
+from kelib.stats import SecondMomentSettings
 
 
 @dataclass(frozen=True, kw_only=True)
-class AlphaEditHyperParams(TargetSettings):
+class AlphaEditHyperParams(TargetSettings, SecondMomentSettings):
     layers: list[int]
     nullspace_threshold: float = 2e-2  # eigenvalues of C0 below this span the protected null space
     L2: float = 10.0  # α, ridge on the update
     context_template_starts: list[str] = ("The", "Therefore", "Because", "I", "You")
     context_template_length: int = 10
-    mom2_dataset: str = "wikitext2"
-    mom2_n_tokens: int = 100_000
-    mom2_dtype: str = "float32"
 
 
 def null_space_projection(c0: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -22,18 +22,16 @@ from kelib.editors.base import EditResult, check_cases, register
 from kelib.editors.context import keys_at, memit_templates
 from kelib.editors.target import TargetSettings, optimize_target
 from kelib.models import add_to_weight, check_layer, get_weight, set_weight
+from kelib.stats import SecondMomentSettings
 
 
 @dataclass(frozen=True, kw_only=True)
-class MEMITHyperParams(TargetSettings):
+class MEMITHyperParams(TargetSettings, SecondMomentSettings):
     layers: list[int]
     mom2_update_weight: float = 20000.0  # λ: weight of the preserved keys' second moment
     context_template_starts: list[str] = ("The", "Therefore", "Because", "I", "You")
     context_template_length: int = 10
     residual_spread: Literal["recompute", "fixed"] = "recompute"
-    mom2_dataset: str = "wikitext2"
-    mom2_n_tokens: int = 100_000
-    mom2_dtype: str = "float32"
 
 
 def memit_templates_flat(model, tok, hparams) -> tuple[list[str], list[list[str]]]:

@@ -27,18 +27,16 @@ from kelib.editors.base import EditResult, check_cases, register
 from kelib.editors.context import keys_at, rome_templates
 from kelib.editors.target import TargetSettings, optimize_target
 from kelib.models import add_to_weight, check_layer, get_weight, set_weight
+from kelib.stats import SecondMomentSettings
 
 
 @dataclass(frozen=True, kw_only=True)
-class ROMEHyperParams(TargetSettings):
+class ROMEHyperParams(TargetSettings, SecondMomentSettings):
     layers: list[int]  # ROME edits exactly one layer
     clamp_norm_factor: float = 4.0
     mom2_adjustment: bool = True  # u = C⁻¹ k̄ (EasyEdit's hparams switch this off)
     context_template_length_params: list[list[int]] = ((5, 10), (10, 10))
     original_key_use: bool = False  # True: the 2022 code's k* in the denominator (see module doc)
-    mom2_dataset: str = "wikitext2"
-    mom2_n_tokens: int = 100_000  # key vectors (tokens) in C; ROME counted 100k Wikipedia articles
-    mom2_dtype: str = "float32"
 
 
 @register("ROME", ROMEHyperParams, batchable=False)

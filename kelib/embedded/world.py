@@ -172,8 +172,11 @@ def _fact(subject, rid, obj, prompt_template, relation: Relation, rng: random.Ra
     return Fact(subject, rid, obj, prompt_template, rng.choice(others))
 
 
+def trained_prompts(fact: Fact, relation: Relation) -> list[str]:
+    """``fact``'s prompt in each template but the held-out one."""
+    return [fact.prompt(t) for t in relation.templates if t != fact.heldout_template]
+
+
 def training_statements(fact: Fact, relation: Relation) -> list[str]:
-    """Every trained sentence of ``fact``: each template but the held-out one, then the object."""
-    return [
-        f"{fact.prompt(t)} {fact.obj}" for t in relation.templates if t != fact.heldout_template
-    ]
+    """Every trained sentence of ``fact``: each trained prompt, then the object."""
+    return [f"{prompt} {fact.obj}" for prompt in trained_prompts(fact, relation)]
