@@ -222,17 +222,14 @@ def _texts(corpus: str, model=None) -> Iterator[str]:
             ) from err
 
 
-def _embedded_data(model, corpus: str):
-    from kelib.embedded.build import recipe_of
-    from kelib.embedded.train import prepare_data
-
+def _embedded(model, corpus: str, read):
+    """``read(model folder)`` for an embedded model; a clear error for any other model."""
     try:
-        recipe = recipe_of(str(getattr(model.config, "_name_or_path", "")))
+        return read(str(getattr(model.config, "_name_or_path", "")))
     except FileNotFoundError as err:
         raise ValueError(
             f"corpus {corpus!r} needs an embedded model loaded from its folder (kelib-default, kelib-micro): {err}"
         ) from err
-    return prepare_data(recipe)
 
 
 def _embedded_world_texts(model) -> Iterator[str]:
@@ -243,7 +240,10 @@ def _embedded_world_texts(model) -> Iterator[str]:
     one subject's key from another's at the same template (edits then leak to neighbours)."""
     import random
 
-    data = _embedded_data(model, "embedded_world")
+    from kelib.embedded.build import recipe_of
+    from kelib.embedded.train import prepare_data
+
+    data = _embedded(model, "embedded_world", lambda path: prepare_data(recipe_of(path)))
     texts = list(data.statements) + list(data.text_train)
     random.Random(0).shuffle(texts)
     yield from texts
@@ -251,9 +251,10 @@ def _embedded_world_texts(model) -> Iterator[str]:
 
 def _embedded_prompts(model) -> Iterator[str]:
     """Every trained fact prompt of an embedded model (each statement without its object)."""
+    from kelib.embedded.build import world_of
     from kelib.embedded.world import trained_prompts
 
-    world = _embedded_data(model, "embedded_prompts").world
+    world = _embedded(model, "embedded_prompts", world_of)
     for fact in world.facts:
         yield from trained_prompts(fact, world.relations[fact.relation_id])
 

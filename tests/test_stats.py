@@ -94,20 +94,20 @@ def test_key_statistics_object_and_bad_spec(tiny_gpt2):
         StatsSpec(corpus="reddit")
 
 
-def test_lookup_keys_are_one_per_trained_prompt_at_its_last_token(micro):
+def test_lookup_keys_are_one_per_trained_prompt_at_its_last_token(micro, micro_dir):
     """C_lookup = mean of k kᵀ over the keys at each trained prompt's last token, nothing else."""
     from dataclasses import replace
 
     from kelib.editors.context import keys_at
     from kelib.embedded import world_cases
+    from kelib.embedded.build import world_of
     from kelib.embedded.world import trained_prompts
-    from kelib.stats import _embedded_data
 
     model, tok, _ = micro
     spec = StatsSpec(corpus="embedded_prompts", n_tokens=None, dtype="float64")
     c = stats.second_moments(model, tok, [0], spec, progress=False)[0]
     saved = torch.load(stats.stats_path(model, 0, spec))
-    world = _embedded_data(model, "embedded_prompts").world
+    world = world_of(micro_dir)
     prompts = [p for f in world.facts for p in trained_prompts(f, world.relations[f.relation_id])]
     assert saved["count"] == len(prompts)
 

@@ -71,11 +71,9 @@ def _keep_locality(case: EditCase, n: int) -> EditCase:
 
 def world_training_cases(model_dir: str | Path, n: int, n_locality: int, seed: int) -> list[EditCase]:
     """``n`` edits of the world's neighbour facts, each to another object of the same category."""
-    from kelib.embedded.build import recipe_of
-    from kelib.embedded.world import build_world
+    from kelib.embedded.build import world_of
 
-    recipe = recipe_of(model_dir)
-    world = build_world(recipe.n_cases, seed=recipe.seed)
+    world = world_of(model_dir)
     neighbours = list(world.facts[len(world.cases):])  # main facts first: their edits are evaluated
     objects = world.objects_by_category
     by_relation: dict[str, list] = {}

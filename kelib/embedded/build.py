@@ -21,7 +21,7 @@ import torch
 from kelib.config import to_dict
 from kelib.data import EditCase
 from kelib.embedded.recipe import Recipe, load_recipe
-from kelib.embedded.world import RELATIONS_FILE
+from kelib.embedded.world import RELATIONS_FILE, World, build_world
 from kelib.io import sha256_file, stable_hash, write_json
 from kelib.paths import BUNDLED_DIR, cache_dir
 
@@ -126,6 +126,12 @@ def recipe_of(model_path: str | Path) -> Recipe:
     if not report.exists():
         raise FileNotFoundError(f"{model_path} is not a built embedded model: it has no report.json")
     return from_dict(Recipe, json.loads(report.read_text())["provenance"]["recipe"], where=str(report))
+
+
+def world_of(model_path: str | Path) -> World:
+    """The world (facts, relations, edit cases) a built model was trained on, rebuilt from its recipe."""
+    recipe = recipe_of(model_path)
+    return build_world(recipe.n_cases, seed=recipe.seed)
 
 
 def load_report(name: str = "default") -> dict:
