@@ -4,7 +4,8 @@
     python benchmarks/bench_editors.py --sequential 500      # plus 500 sequential ROME edits (minutes)
     python benchmarks/bench_editors.py --gpt2-xl-shape --device cuda   # timing on a GPT-2 XL-sized model
 
-Prints, per editor: single-edit efficacy / paraphrase / neighbourhood specificity (CounterFact
+Prints the share of an edit's u·k that reaches a same-template neighbour (with C0 from text alone
+and with the lookup keys mixed in); per editor: single-edit efficacy / paraphrase / neighbourhood specificity (CounterFact
 probability comparisons) and seconds per edit; a batch edit's metrics and seconds per batch; with
 ``--sequential N``, ROME applied N times in a row with the L1 norm and condition number of the edited
 layer, the recall of unedited facts and the skills at checkpoints (the collapse the papers report).
@@ -58,6 +59,20 @@ def single_and_batch(model, tok, cases, n: int, batch: int, editors) -> None:
         line += (f"{metric(many, 'efficacy_success'):10.3f} {metric(many, 'neighborhood_success'):11.3f} "
                  f"{time.perf_counter() - start:8.1f}")
         print(line, flush=True)
+
+
+def neighbour_share(model, tok, cases, n: int, editor: str = "ROME") -> None:
+    """How much of an edit's u·k reaches a same-template neighbour, with and without the lookup share."""
+    from kelib.stats import KeyStatistics, neighbour_key_share
+
+    hp = load_hparams(editor, "kelib-default")
+    layer = hp.layers[-1]
+    stats = statistics_for(model, tok, hp, progress=False)
+    print(f"\nneighbour's share of u·k (u = C0⁻¹k) at {editor}'s layer {layer}, first {n} cases: median (90th percentile)")
+    for share in (0.0, hp.mom2_lookup_share):
+        c0 = KeyStatistics(model, tok, stats.spec, progress=False, lookup_share=share)[layer]
+        found = neighbour_key_share(model, tok, cases[:n], layer, c0)
+        print(f"  lookup share {share:.2f}: {found.median():.3f} ({found.quantile(0.9):.3f})")
 
 
 def sequential(model, tok, cases, n: int, editor: str = "ROME") -> None:
@@ -129,6 +144,7 @@ def main() -> None:
     model, tok = load_model("kelib-default", device=args.device)
     cases = world_cases("default")
     print(f"kelib-default on {args.device}, {torch.get_num_threads()} threads")
+    neighbour_share(model, tok, cases, args.n)
     if args.editors:
         single_and_batch(model, tok, cases, args.n, args.batch, args.editors)
     if args.sequential:

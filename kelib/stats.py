@@ -303,6 +303,23 @@ class KeyStatistics:
         return self._siblings[part]
 
 
+def neighbour_key_share(model, tok, cases, layer: int, c0: torch.Tensor) -> torch.Tensor:
+    """Per case, u·k_nb / u·k with u = C0⁻¹k: the share of a rank-one edit at the case's key k that
+    reaches its first neighbourhood prompt's key k_nb. Keys at the prompt's last token, where the
+    embedded models look facts up."""
+    from dataclasses import replace
+
+    from kelib.editors.context import keys_at
+
+    # keys at the prompt's last token never use the subject; any word of the prompt passes the check
+    neighbours = [replace(c, prompt=c.neighborhood_prompts[0], subject=c.neighborhood_prompts[0].split()[0])
+                  for c in cases]
+    k = keys_at(model, tok, cases, ["{}"], [layer], "prompt_last")[layer][0].double()
+    k_nb = keys_at(model, tok, neighbours, ["{}"], [layer], "prompt_last")[layer][0].double()
+    u = torch.linalg.solve(c0.double(), k.T).T
+    return (u * k_nb).sum(1) / (u * k).sum(1)
+
+
 def statistics_for(model, tok, hparams, progress: bool = True) -> KeyStatistics:
     """The :class:`KeyStatistics` an editor's :class:`SecondMomentSettings` ask for; the defaults for
     editors without them (FT)."""

@@ -104,8 +104,9 @@ numbers
 # layers trained from scratch on short prompts, moves the subject to the final token in its first
 # layer and looks facts up there, which is why its editor settings (`params/hparams/*/kelib-default.yaml`)
 # read keys at `prompt_last`, while real models keep ROME's `subject_last`. A neighbour with the same
-# template shares much of such a key, and with C0 from text alone about 30% of the edit's u·k
+# template shares much of such a key, and with C0 from text alone about a third of the edit's u·k
 # (u = C⁻¹k̄) reached it, so edits leaked; the embedded settings therefore mix the keys at the lookup
-# position into C0 (`mom2_lookup_share`, see `kelib/stats.py`), which cuts that share to a few
-# percent. The table shows the neighbour's true answer before and after; `numbers.json` records it,
-# and that restoring the weights gives back the model's exact probabilities.
+# position into C0 (`mom2_lookup_share`, see `kelib/stats.py`), which cuts that share to about
+# 7% (`benchmarks/bench_editors.py` prints it). The table shows the neighbour's true answer before
+# and after; `numbers.json` records it, and that restoring the weights gives back the model's exact
+# probabilities.

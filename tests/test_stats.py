@@ -1,5 +1,7 @@
 """Key second moments: correctness against a direct computation, caching, resumption."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -142,22 +144,15 @@ def test_lookup_keys_need_an_embedded_model(tiny_gpt2):
 def test_lookup_share_shrinks_the_neighbour_leak(micro):
     """Why the embedded hyperparameters set it: with C_lookup mixed in, a neighbour prompt of the same
     relation shares less of the edit's u·k (u = C⁻¹k̄) than with C from text alone."""
-    from dataclasses import replace
-
-    from kelib.editors.context import keys_at
-
     model, tok, cases = micro
-    cases = cases[:40]
-    neighbours = [replace(c, prompt=c.neighborhood_prompts[0], subject=c.neighborhood_prompts[0].split()[0])
-                  for c in cases]
-    layer = 1
-    k = keys_at(model, tok, cases, ["{}"], [layer], "prompt_last")[layer][0].double()
-    k_nb = keys_at(model, tok, neighbours, ["{}"], [layer], "prompt_last")[layer][0].double()
     spec = StatsSpec(corpus="embedded_world", n_tokens=20_000)
 
     def median_leak(share):
-        c = KeyStatistics(model, tok, spec, progress=False, lookup_share=share)[layer].double()
-        u = torch.linalg.solve(c, k.T).T
-        return float(((u * k_nb).sum(1) / (u * k).sum(1)).median())
+        c = KeyStatistics(model, tok, spec, progress=False, lookup_share=share)[1]
+        return float(stats.neighbour_key_share(model, tok, cases[:40], 1, c).median())
 
     assert median_leak(0.97) < 0.5 * median_leak(0.0)
+    # the share of a case's own key is 1 by construction
+    own = [dataclasses.replace(c, neighborhood_prompts=(c.prompt,)) for c in cases[:5]]
+    c = KeyStatistics(model, tok, spec, progress=False)[1]
+    assert torch.allclose(stats.neighbour_key_share(model, tok, own, 1, c), torch.ones(5, dtype=torch.float64))
