@@ -104,6 +104,15 @@ def counterfact_metrics(model, tok, cases) -> dict[str, float]:
     Keys: efficacy_success, efficacy_magnitude, paraphrase_success, paraphrase_magnitude,
     neighborhood_success, neighborhood_magnitude, score (harmonic mean of the three successes).
     """
+    return dict(counterfact_scores(model, tok, cases))
+
+
+def counterfact_scores(model, tok, cases):
+    """:func:`counterfact_metrics` as a :class:`kelib.examples.Scores`: the same means, with each
+    metric's per-case values (ids: the case ids) attached for verdicts over cases. ``score`` is a
+    harmonic mean of means and has no per-case values."""
+    from kelib.examples import Sample, Scores
+
     rows = {k: [] for k in ("efficacy", "paraphrase", "neighborhood")}
     for case in cases:
         groups = {
@@ -123,15 +132,19 @@ def counterfact_metrics(model, tok, cases) -> dict[str, float]:
             else:
                 success = [c.new_wins for c in comps]
                 magnitude = [c.magnitude for c in comps]
-            rows[name].append((sum(success) / len(success), sum(magnitude) / len(magnitude)))
+            rows[name].append((case.case_id, sum(success) / len(success), sum(magnitude) / len(magnitude)))
     result: dict[str, float] = {}
+    examples = {}
     for name, values in rows.items():
         if values:
-            result[f"{name}_success"] = sum(v[0] for v in values) / len(values)
-            result[f"{name}_magnitude"] = sum(v[1] for v in values) / len(values)
+            ids = tuple(v[0] for v in values)
+            for k, kind in ((1, "success"), (2, "magnitude")):
+                per_case = [v[k] for v in values]
+                result[f"{name}_{kind}"] = sum(per_case) / len(per_case)
+                examples[f"{name}_{kind}"] = Sample(per_case, ids=ids)
     successes = [result[k] for k in ("efficacy_success", "paraphrase_success", "neighborhood_success") if k in result]
     result["score"] = _harmonic(successes)
-    return result
+    return Scores(result, examples)
 
 
 def zsre_metrics(model, tok, cases) -> dict[str, float]:

@@ -75,6 +75,22 @@ def test_counterfact_success_and_magnitude(word_tok):
     assert result["score"] == 0.0  # harmonic mean with a zero
 
 
+def test_counterfact_scores_per_case(word_tok):
+    """Per-case values (for verdicts over cases) average to the metrics, and carry the case ids."""
+    model = bigram({"is": {"Paris": 0.6, "Rome": 0.3}, "of": {"Rome": 0.5, "Paris": 0.1}})
+    first = case("The capital of France is", "France", new="Rome", true="Paris",
+                 para=["The capital of", "capital of France is"], neigh=["capital of France is"], neigh_ans=["Paris"])
+    second = SimpleNamespace(**{**vars(first), "case_id": "u", "target_new": "Berlin"})
+    scores = metrics.counterfact_scores(model, word_tok, [first, second])
+    assert dict(scores) == metrics.counterfact_metrics(model, word_tok, [first, second])
+    paraphrase = scores.examples["paraphrase_success"]
+    assert paraphrase.ids == ("t", "u")
+    assert paraphrase.values.tolist() == [0.5, 0.0]  # Rome wins after "of" only; Berlin never
+    assert scores.examples["efficacy_success"].values.tolist() == [0.0, 0.0]
+    assert scores["paraphrase_success"] == pytest.approx(paraphrase.values.mean())
+    assert "score" not in scores.examples
+
+
 def test_zsre_token_accuracy_and_locality(word_tok):
     model = bigram({"is": {"Rome": 0.9}, "Rome": {"city": 0.2, "Italy": 0.7}})
     c = case("The capital of France is", "France", new="Rome city", true="Paris",
