@@ -18,7 +18,9 @@ and wherever the working directory is. ``builtin=True`` runs lm-eval's own versi
 test sets, downloaded from the Hugging Face hub) where one exists, see :data:`BUILTIN`.
 
 Results are cached on disk per (weights fingerprint, task, limit, task definition, ...): re-running a
-notebook on an unchanged model reads them back instead of evaluating again.
+notebook on an unchanged model reads them back instead of evaluating again. Edits kept outside the
+weights (GRACE's codebook) are keyed by the view they declare (:func:`declared_view`); a model with
+forward hooks that no view declared is evaluated afresh every time.
 """
 
 from __future__ import annotations
@@ -285,6 +287,37 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+_VIEWS = "_kelib_views"  # instance attribute: the views a model is evaluated through right now
+
+
+@contextlib.contextmanager
+def declared_view(model, key: str) -> Iterator[None]:
+    """Say, for the duration, that ``model`` answers through something its weights do not show
+    (GRACE's codebook, applied by forward hooks), identified by ``key``.
+
+    The weights fingerprint cannot see such a view, so :func:`evaluate_abilities` adds the declared
+    keys to its cache key; an editor's ``view`` wraps its hooks in this."""
+    views = model.__dict__.setdefault(_VIEWS, [])
+    views.append(str(key))
+    try:
+        yield
+    finally:
+        views.reverse()  # drop the last occurrence: nested views of the same key stay balanced
+        views.remove(str(key))
+        views.reverse()
+
+
+def view_keys(model) -> list[str] | None:
+    """The keys of the views ``model`` is declared to answer through (``[]`` for none), or None when
+    it carries forward hooks that no view declared: its answers then depend on something no cache
+    key can name, and are not cached."""
+    declared = list(model.__dict__.get(_VIEWS, []))
+    if declared:
+        return declared
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return None if hooked else []
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the tokenizer's vocabulary, merges, normalisation and special tokens.
 
@@ -522,6 +555,11 @@ def evaluate_abilities(
 
     with _quiet(quiet):  # HFLM warns that a model object makes it ignore its loading arguments
         lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    views = view_keys(model) if cache else []
+    if views is None:
+        log.warning("the model carries forward hooks that no view declared (kelib.evaluation.declared_view): "
+                    "its results are not cached")
+        cache = False
     if cache:
         # after HFLM: it may give the tokenizer a pad token, which must not move the key between calls
         fingerprint = weights_fingerprint(model)
@@ -536,6 +574,8 @@ def evaluate_abilities(
             "bootstrap_iters": bootstrap_iters,
             "lm_eval": _lm_eval_version(),
         }
+        if views:  # edits the weights do not show (GRACE's codebook): keyed by what the view holds
+            base_key["views"] = views
     managers: dict[bool, object] = {}  # one TaskManager per call and kind: indexing is not free
     rows: list[dict] = []
     cuts: dict[str, dict] = {}  # task -> {"inputs": n, "answers": m} cut to fit the context

@@ -225,6 +225,34 @@ def test_cache_skips_unchanged_model_and_reruns_after_an_edit(tiny_gpt2, count_r
     assert len(list((tmp_path / "evaluations").rglob("*.json"))) == 5  # 2 + 1 + 2 entries, atomically written
 
 
+def test_declared_views_enter_the_cache_key_and_undeclared_hooks_skip_it(tiny_gpt2, count_runs, tmp_path, monkeypatch):
+    """Edits outside the weights (GRACE's hooks) leave the weights fingerprint as it was: a declared
+    view keys the cache, and hooks nobody declared are never cached."""
+    monkeypatch.setenv("KELIB_CACHE", str(tmp_path))
+    model, tok = tiny_gpt2
+    evaluate_abilities(model, tok, ["rect_sst2"], limit=2, progress=False)
+    assert len(count_runs) == 1
+    with evaluation.declared_view(model, "codebook-a"):
+        evaluate_abilities(model, tok, ["rect_sst2"], limit=2, progress=False)
+        evaluate_abilities(model, tok, ["rect_sst2"], limit=2, progress=False)
+        assert len(count_runs) == 2  # a new key, then read back
+    with evaluation.declared_view(model, "codebook-b"):
+        evaluate_abilities(model, tok, ["rect_sst2"], limit=2, progress=False)
+    assert len(count_runs) == 3
+    assert evaluation.view_keys(model) == []
+    handle = model.transformer.h[0].mlp.register_forward_hook(lambda module, args, output: output)
+    try:
+        assert evaluation.view_keys(model) is None
+        evaluate_abilities(model, tok, ["rect_sst2"], limit=2, progress=False)
+        evaluate_abilities(model, tok, ["rect_sst2"], limit=2, progress=False)
+    finally:
+        handle.remove()
+    assert len(count_runs) == 5
+    evaluate_abilities(model, tok, ["rect_sst2"], limit=2, progress=False)
+    assert len(count_runs) == 5  # the unhooked model's entry
+    assert len(list((tmp_path / "evaluations").rglob("*.json"))) == 3
+
+
 def test_weights_fingerprint(tiny_gpt2):
     model, _ = tiny_gpt2
     fp = weights_fingerprint(model)

@@ -92,3 +92,39 @@ def test_grace_single_protocol_starts_every_edit_from_an_empty_codebook(micro, u
     assert run.editor_state == {}  # reset after each unit
     scores = score_targets(model, tok, [c.prompt for c in cases[60:63]], [c.target_true for c in cases[60:63]])
     assert all(s.exact for s in scores)  # the unedited model still answers as trained
+
+
+def test_grace_edit_changes_a_cached_lm_eval_answer(micro, untouched, tmp_path, monkeypatch):
+    """lm-eval results are cached by a weights fingerprint, which a GRACE edit does not move: the
+    codebook its view declares must enter the key, or every checkpoint reads back the unedited answer."""
+    import json
+
+    from kelib.evaluation import evaluate_abilities
+
+    monkeypatch.setenv("KELIB_CACHE", str(tmp_path / "cache"))
+    model, tok, cases = micro
+    case = cases[60]
+    folder = tmp_path / "tasks" / "probe"
+    folder.mkdir(parents=True)
+    data = folder / "probe.jsonl"
+    data.write_text(json.dumps({"prompt": case.prompt, "choices": [case.target_true, case.target_new], "label": 1}) + "\n")
+    (folder / "probe.yaml").write_text(
+        f"task: grace_probe\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{prompt}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+
+    def new_object_wins() -> float:
+        table = evaluate_abilities(model, tok, ["grace_probe"], task_dirs=[tmp_path / "tasks"], progress=False)
+        return float(table.set_index("metric").value["acc"])
+
+    assert new_object_wins() == 0.0  # the unedited model answers the true object (and is cached)
+    run = EditRun(model, tok, [case], RunSpec("GRACE", "sequential", n_edits=1), load_hparams("GRACE", "kelib-micro"),
+                  progress=False)
+    run.run()
+    with run.evaluation_view():
+        assert new_object_wins() == 1.0
+        assert new_object_wins() == 1.0  # read back under the codebook's own key
+    assert new_object_wins() == 0.0
+    assert len(list((tmp_path / "cache" / "evaluations").rglob("*.json"))) == 2

@@ -97,11 +97,29 @@ def adaptor(model, layer: int, codebook: dict, values: torch.Tensor | None = Non
         handle.remove()
 
 
+@contextlib.contextmanager
 def view(model, state: dict):
-    """The runner's evaluation view: the model answering through the run's codebook."""
+    """The runner's evaluation view: the model answering through the run's codebook, declared to the
+    lm-eval cache (the weights do not change, so their fingerprint alone would read back the
+    unedited model's results)."""
     if "codebook" not in state:
-        return contextlib.nullcontext()
-    return adaptor(model, state["layer"], state["codebook"])
+        yield
+        return
+    from kelib.evaluation import declared_view
+
+    with adaptor(model, state["layer"], state["codebook"]), \
+            declared_view(model, f"GRACE:{codebook_fingerprint(state['layer'], state['codebook'])}"):
+        yield
+
+
+def codebook_fingerprint(layer: int, codebook: dict) -> str:
+    """A hash of everything the adaptor answers with: layer, keys, values, radii and labels."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{layer}|{codebook['labels']}".encode())
+    for name in ("keys", "values", "epsilons"):
+        digest.update(codebook[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @register("GRACE", GRACEHyperParams, batchable=False, view=view)
