@@ -178,12 +178,36 @@ def final_rows(grid: pd.DataFrame) -> pd.DataFrame:
     return grid[grid.checkpoint == last]
 
 
+def ability_columns(columns) -> list[str]:
+    """The accuracy-like abilities among ``columns`` (higher is better, in [0, 1]): the embedded
+    skills, unedited recall and lm-eval task metrics, not perplexities, which averaging would swamp."""
+    def accuracy_like(name: str) -> bool:
+        if any(word in name for word in ("perplexity", "bits_per_byte")):
+            return False
+        return name.startswith("skill_") or name == "recall_unedited" or "/" in name
+
+    return [c for c in columns if isinstance(c, str) and accuracy_like(c)]
+
+
+def is_weights(scope: pd.Series) -> pd.Series:
+    """Rows of weight diagnostics: ``weights`` (the MLP output) and ``weights:<part>`` (PMET's
+    attention output), as opposed to scores (edits, abilities, tasks)."""
+    return scope.str.startswith("weights")
+
+
+def score_table(grid: pd.DataFrame, index: Sequence[str] = ("setting", "checkpoint")) -> pd.DataFrame:
+    """Edit metrics and abilities, one column per metric (``efficacy``, ``paraphrase``, ``specificity``
+    for the key edit metrics), one row per ``index``; weight diagnostics of every part left out."""
+    table = grid[~is_weights(grid.scope)].pivot_table(index=list(index), columns="metric", values="value")
+    return table.rename(columns=KEY_METRICS).reset_index()
+
+
 def summary(grid: pd.DataFrame, layer_metrics: Sequence[str] = ("l1", "condition_number")) -> pd.DataFrame:
     """One row per run at its final checkpoint: edit metrics, abilities, and weight diagnostics
-    (of the last edited layer, the one that takes the full residual)."""
+    (of the last edited layer's MLP output, the one that takes the full residual)."""
     final = final_rows(grid)
     keys = ["editor", "regularizer", "protocol", "batch_size"]
-    scores = final[final.scope != "weights"].pivot_table(index=keys, columns="metric", values="value")
+    scores = final[~is_weights(final.scope)].pivot_table(index=keys, columns="metric", values="value")
     scores = scores.rename(columns=KEY_METRICS)
     weights = final[final.scope == "weights"]
     last_layer = weights.groupby(keys).layer.transform("max")
@@ -246,3 +270,123 @@ def edit_once(setup: Setup, case, editor: str = "ROME"):
                   progress=False)
     run.run()
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts over examples (kelib.verdicts), from the per-example scores the runs keep
+
+ABILITY_SCOPES = ("abilities", "tasks")
+EDIT_SUCCESS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
+
+
+def run_examples(grid: pd.DataFrame, run_dir: str, checkpoint: int | None = None) -> dict:
+    """``{scope: {metric: Sample}}`` a run kept at ``checkpoint`` (default: its last in ``grid``)."""
+    from kelib.examples import read_examples
+
+    if checkpoint is None:
+        checkpoint = int(grid[grid.run_dir == run_dir].checkpoint.max())
+    return read_examples(run_dir, checkpoint)
+
+
+def abilities_of(examples: dict) -> dict:
+    """The ability metrics among a checkpoint's examples (the embedded evaluator's and lm-eval's)."""
+    return {m: s for scope in ABILITY_SCOPES for m, s in examples.get(scope, {}).items()}
+
+
+def edit_mean_of(examples: dict):
+    """Per case, the mean of efficacy, paraphrase and specificity success (the notebooks' ``edit_mean``,
+    whose mean over cases it is); None without per-case edit scores."""
+    from kelib.examples import Sample
+
+    edits = examples.get("edits", {})
+    parts = [edits[m] for m in EDIT_SUCCESS if m in edits]
+    if not parts or any(p.ids != parts[0].ids for p in parts):
+        return None  # a metric missing for some case (no paraphrase): no per-case mean
+    return Sample(sum(p.values for p in parts) / len(parts), ids=parts[0].ids)
+
+
+def unedited_examples(grid: pd.DataFrame) -> dict:
+    """Ability examples of the unedited model: checkpoint 0 of the first run that kept them (every
+    run starts from the same weights)."""
+    for run_dir in grid[grid.checkpoint == 0].run_dir.unique():
+        found = abilities_of(run_examples(grid, run_dir, 0))
+        if found:
+            return found
+    return {}
+
+
+def _runs(grid: pd.DataFrame, label: str) -> pd.DataFrame:
+    return grid.drop_duplicates("run_dir")[[label, "editor", "regularizer", "protocol", "batch_size", "run_dir"]]
+
+
+def editing_verdicts(grid: pd.DataFrame, label: str = "setting") -> tuple[list, list[str]]:
+    """RECT's claim, run by run: abilities after the last edit are lower than the unedited model's
+    (per metric, and the mean of the accuracy-like ones), on the same examples. Returns the verdicts
+    and the labels of runs that kept no per-example scores (made before the runner kept them)."""
+    from kelib.verdicts import ability_verdicts
+
+    before = unedited_examples(grid)
+    verdicts, missing = [], []
+    for run in _runs(grid, label).itertuples():
+        after = abilities_of(run_examples(grid, run.run_dir))
+        if not before or not after:
+            missing.append(getattr(run, label))
+            continue
+        verdicts += ability_verdicts(str(getattr(run, label)), before, after, "worse")
+    return verdicts, missing
+
+
+def regularizer_verdicts(grid: pd.DataFrame, label: str = "setting", edits: float | str | None = None
+                         ) -> tuple[list, list[str]]:
+    """Each regularized run against its editor alone (same editor, protocol and batch size), at the
+    last checkpoint, on the same examples: abilities higher with the regularizer (per metric and
+    mean). ``edits``: also judge editing performance per case, either ``"better"`` (higher mean of
+    efficacy, paraphrase and specificity) or a number r (the regularized run keeps more than r of
+    the editor's, a ratio: RECT's 0.94). Returns the verdicts and the labels lacking examples."""
+    from kelib.verdicts import ability_verdicts, compare
+
+    runs = _runs(grid, label)
+    verdicts, missing = [], []
+    for run in runs[runs.regularizer != "none"].itertuples():
+        plain = runs[(runs.editor == run.editor) & (runs.regularizer == "none") & (runs.protocol == run.protocol)
+                     & (runs.batch_size == run.batch_size)]
+        if plain.empty:
+            continue
+        name, base = str(getattr(run, label)), str(getattr(plain.iloc[0], label))
+        mine, theirs = run_examples(grid, run.run_dir), run_examples(grid, plain.run_dir.iloc[0])
+        if not abilities_of(mine) or not abilities_of(theirs):
+            missing.append(name)
+            continue
+        verdicts += ability_verdicts(f"{name} (vs {base})", abilities_of(theirs), abilities_of(mine), "better")
+        ours, ref = edit_mean_of(mine), edit_mean_of(theirs)
+        if edits is None or ours is None or ref is None:
+            continue
+        if edits == "better":
+            verdicts.append(compare(f"{name} edits better than {base} (mean of efficacy, paraphrase, specificity)",
+                                    ref, ours, "higher"))
+        else:
+            verdicts.append(compare(f"{name} keeps more than {float(edits):.0%} of {base}'s editing performance",
+                                    ref, ours, "higher", threshold=float(edits), statistic="ratio"))
+    return verdicts, missing
+
+
+def example_table(grid: pd.DataFrame, label: str = "setting") -> pd.DataFrame:
+    """Every ability with its standard error: the unedited model, then each run after its last edit
+    (``label, metric, mean, stderr, n``; perplexity's stderr is that of the log-perplexity)."""
+    rows = []
+    found = {"unedited": unedited_examples(grid)}
+    for run in _runs(grid, label).itertuples():
+        found[str(getattr(run, label))] = abilities_of(run_examples(grid, run.run_dir))
+    for name, metrics in found.items():
+        rows += [{label: name, "metric": m, "mean": s.mean, "stderr": s.stderr, "n": len(s)} for m, s in metrics.items()]
+    return pd.DataFrame(rows, columns=[label, "metric", "mean", "stderr", "n"])
+
+
+def print_verdicts(verdicts: Sequence, missing: Sequence[str] = ()) -> dict:
+    """Print each verdict's line (claim, estimate, 95% interval, outcome); returns them for
+    numbers.json, keyed by claim."""
+    for verdict in verdicts:
+        print(verdict)
+    if missing:
+        print(f"No per-example scores for {', '.join(map(str, missing))}: re-run them to judge them.")
+    return {v.claim: v.to_dict() for v in verdicts}

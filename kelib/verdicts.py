@@ -236,7 +236,7 @@ def growth_halves(checkpoints: Sequence[float], values: Sequence[float]) -> tupl
         raise ValueError("growth over halves needs at least two checkpoints")
     mid = float(np.interp((x[0] + x[-1]) / 2, x, y))
     scale = abs(y[0]) or 1.0
-    return (mid - y[0]) / scale, (y[-1] - mid) / scale
+    return float((mid - y[0]) / scale), float((y[-1] - mid) / scale)
 
 
 def norm_flattens(claim: str, checkpoints: Sequence[float], norms: Sequence[float],
