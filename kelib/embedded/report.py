@@ -12,16 +12,22 @@ from typing import Sequence
 import torch
 
 from kelib.embedded.skills import SkillExample
-from kelib.metrics import recall
+from kelib.metrics import recall, score_targets
 from kelib.models import device_of
 from kelib.tokens import pad_batch
 
 
-@torch.no_grad()
 def choice_accuracy(model, tok, examples: Sequence[SkillExample], batch_size: int = 64) -> float:
     """Multiple-choice accuracy: the choice with the highest summed log-probability wins (lm-eval ``acc``)."""
     if not examples:
         return float("nan")
+    correct = choice_correct(model, tok, examples, batch_size)
+    return sum(correct) / len(correct)
+
+
+@torch.no_grad()
+def choice_correct(model, tok, examples: Sequence[SkillExample], batch_size: int = 64) -> list[bool]:
+    """Per example: whether the choice with the highest summed log-probability is the label."""
     flat = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices))]
     scores = torch.empty(len(flat))
     device = device_of(model)
@@ -39,28 +45,48 @@ def choice_accuracy(model, tok, examples: Sequence[SkillExample], batch_size: in
             targets = ids[row, start:end]
             lp = logprobs[row, start - 1 : end - 1].gather(-1, targets[:, None]).sum()
             scores[lo + row] = lp
-    correct, k = 0, 0
-    for i, ex in enumerate(examples):
+    correct, k = [], 0
+    for ex in examples:
         n = len(ex.choices)
-        correct += int(scores[k : k + n].argmax()) == ex.label
+        correct.append(int(scores[k : k + n].argmax()) == ex.label)
         k += n
-    return correct / len(examples)
+    return correct
+
+
+def perplexity(model, tok, texts: Sequence[str], seq_len: int = 128) -> float:
+    """Token-level perplexity on ``texts``, each scored on its own (see :func:`paragraph_nll`)."""
+    nll, tokens = paragraph_nll(model, tok, texts, seq_len)
+    return math.exp(sum(n * t for n, t in zip(nll, tokens)) / max(sum(tokens), 1))
 
 
 @torch.no_grad()
-def perplexity(model, tok, texts: Sequence[str], seq_len: int = 128, max_tokens: int = 50_000) -> float:
-    """Token-level perplexity on ``texts`` in non-overlapping windows of ``seq_len`` tokens."""
-    ids = [t for text in texts for t in tok(text)["input_ids"]][:max_tokens]
+def paragraph_nll(model, tok, texts: Sequence[str], seq_len: int = 128, batch_size: int = 32) -> tuple[list[float], list[int]]:
+    """Per text: the mean next-token NLL and the number of tokens predicted, in non-overlapping
+    windows of ``seq_len`` tokens within the text (each text on its own, from its start token).
+
+    The token-weighted mean of the NLLs is the log-perplexity of all texts, so per-paragraph values
+    let a verdict resample paragraphs and still speak about perplexity."""
+    windows, owner = [], []
+    for i, text in enumerate(texts):
+        ids = tok(text)["input_ids"]
+        for lo in range(0, max(len(ids) - 1, 0), seq_len):
+            window = ids[lo : lo + seq_len]
+            if len(window) >= 2:
+                windows.append(window)
+                owner.append(i)
+    total = [0.0] * len(texts)
+    count = [0] * len(texts)
     device = device_of(model)
-    total_nll, count = 0.0, 0
-    for lo in range(0, len(ids) - 1, seq_len):
-        window = torch.tensor(ids[lo : lo + seq_len], device=device)[None]
-        if window.shape[1] < 2:
-            break
-        loss = model(input_ids=window, labels=window).loss.float().item()
-        total_nll += loss * (window.shape[1] - 1)
-        count += window.shape[1] - 1
-    return math.exp(total_nll / max(count, 1))
+    for lo in range(0, len(windows), batch_size):
+        chunk = windows[lo : lo + batch_size]
+        ids, mask = pad_batch(chunk, tok.pad_token_id, device)
+        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        nll = -logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+        for row, window in enumerate(chunk):
+            total[owner[lo + row]] += float(nll[row].sum())
+            count[owner[lo + row]] += len(window) - 1
+    keep = [i for i in range(len(texts)) if count[i]]
+    return [total[i] / count[i] for i in keep], [count[i] for i in keep]
 
 
 def knowledge_report(model, tok, world, heldout_skills: dict, text_heldout: Sequence[str]) -> dict:
@@ -95,24 +121,43 @@ def heldout_skills(name: str = "default") -> dict[str, list[SkillExample]]:
     return found
 
 
-def abilities_evaluator(name: str = "default", n_facts: int = 300, n_skill: int | None = None):
+def heldout_texts(name: str = "default") -> list[str]:
+    """The WikiText paragraphs built model ``name`` never trained on (its recipe's held-out split,
+    the one the ``embedded_perplexity`` task reads)."""
+    from kelib.embedded.build import ensure_model, recipe_of
+    from kelib.embedded.train import split_paragraphs
+
+    return split_paragraphs(recipe_of(ensure_model(name)))[1]
+
+
+def abilities_evaluator(name: str = "default", n_facts: int = 300, n_skill: int | None = None,
+                        n_text: int | None = None):
     """An evaluator for :class:`kelib.runner.EditRun`: what an edited embedded model still knows and can do.
 
-    Returns ``evaluate(model, tok) -> {metric: value}`` with ``recall_unedited`` (top-1 recall of up
-    to ``n_facts`` neighbour facts: subjects no edit touches) and ``skill_<name>`` (held-out accuracy
-    of each skill, on the first ``n_skill`` examples).
+    Returns ``evaluate(model, tok) -> Scores`` with ``recall_unedited`` (top-1 recall of up to
+    ``n_facts`` neighbour facts: subjects no edit touches), ``skill_<name>`` (held-out accuracy of
+    each skill, on the first ``n_skill`` examples) and ``heldout_perplexity`` (perplexity on the
+    first ``n_text`` held-out WikiText paragraphs, a continuous ability that moves before accuracy
+    does). The result is a :class:`kelib.examples.Scores`: the means, with every example's score
+    attached (1/0 per fact and skill example; per paragraph, its mean NLL weighted by its tokens).
     """
     from kelib.embedded.build import world_cases
+    from kelib.examples import Sample, Scores
 
     cases = world_cases(name)[:n_facts]
     prompts = [c.neighborhood_prompts[0] for c in cases]
     answers = [c.neighborhood_answers[0] for c in cases]
     skills = {k: v[:n_skill] for k, v in heldout_skills(name).items()}
+    texts = heldout_texts(name)[:n_text]
 
-    def evaluate(model, tok) -> dict[str, float]:
-        out = {"recall_unedited": recall(model, tok, prompts, answers)}
-        for skill, examples in skills.items():
-            out[f"skill_{skill}"] = choice_accuracy(model, tok, examples)
-        return out
+    def evaluate(model, tok) -> Scores:
+        examples = {"recall_unedited": Sample([s.exact for s in score_targets(model, tok, prompts, answers)])}
+        for skill, items in skills.items():
+            examples[f"skill_{skill}"] = Sample(choice_correct(model, tok, items))
+        nll, tokens = paragraph_nll(model, tok, texts)
+        examples["heldout_perplexity"] = Sample(nll, tokens, log=True, higher_is_better=False)
+        return Scores({metric: sample.mean for metric, sample in examples.items()}, examples)
 
+    # the run cache keys on this: runs made before perplexity and per-example scores are not reused
+    evaluate.key = {"abilities": 2, "model": name, "n_facts": n_facts, "n_skill": n_skill, "n_text": n_text}
     return evaluate
