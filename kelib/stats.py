@@ -13,6 +13,10 @@ population in generic text, so a C0 over every token barely sees the direction t
 one template share, and C⁻¹k leaks an edit to the neighbours that share it. ``lookup_share`` ρ mixes
 in the second moment of the keys at the lookup positions themselves (corpus ``embedded_prompts``):
 C0 = (1 − ρ) C_text + ρ C_lookup. ρ = 0 (the default, and the papers' setting) is plain C_text.
+
+Both embedded corpora read only the facts of the world's *stats* split (``kelib.embedded.world``):
+as Wikipedia for GPT-2 XL, C0 never holds the prompts that are edited, probed or counted as an
+unedited ability, so an editor cannot protect exactly the keys it is then scored on.
 """
 
 from __future__ import annotations
@@ -34,15 +38,16 @@ log = logging.getLogger(__name__)
 
 CORPORA = {
     "wikitext2": "WikiText-2 raw test split, bundled (offline default)",
-    "embedded_world": "an embedded model's own training text (its fact statements and WikiText paragraphs)",
-    "embedded_prompts": "an embedded model's trained fact prompts, each counted at its last token only",
+    "embedded_world": "an embedded model's own training text: its stats-split fact statements and WikiText paragraphs",
+    "embedded_prompts": "an embedded model's trained prompts of its stats-split facts, each counted at its last token",
     "wikipedia": "wikimedia/wikipedia 20231101.en via datasets (online; ROME used the 2020 dump)",
 }
 CORPUS_VERSIONS = {
     "wikitext2": "wikitext-2-raw-v1/test",
     "wikipedia": "wikimedia/wikipedia/20231101.en",
-    "embedded_world": "embedded-world-v1",  # the model id (with its recipe hash) is part of the key
-    "embedded_prompts": "embedded-prompts-v1",
+    # the model id (with its recipe hash) is part of the key; v2: stats-split facts only
+    "embedded_world": "embedded-world-v2",
+    "embedded_prompts": "embedded-prompts-v2",
 }
 LAST_TOKEN_CORPORA = {"embedded_prompts"}  # one key per text: where the model looks the fact up
 
@@ -237,25 +242,33 @@ def _embedded_world_texts(model) -> Iterator[str]:
 
     C must describe the keys the model meets in its own text; an embedded model trained mostly on
     short fact statements sees few of them in WikiText, and a C⁻¹ from WikiText alone cannot tell
-    one subject's key from another's at the same template (edits then leak to neighbours)."""
+    one subject's key from another's at the same template (edits then leak to neighbours). Of the
+    fact statements, only the stats split's (see the module docstring)."""
     import random
 
-    from kelib.embedded.build import recipe_of
-    from kelib.embedded.train import prepare_data
+    from kelib.embedded.store import recipe_of, world_of
+    from kelib.embedded.train import split_paragraphs
+    from kelib.embedded.world import training_statements
 
-    data = _embedded(model, "embedded_world", lambda path: prepare_data(recipe_of(path)))
-    texts = list(data.statements) + list(data.text_train)
+    def read(path):
+        world = world_of(path)
+        stats = world.facts_in("stats")
+        statements = [s for f in stats for s in training_statements(f, world.relations[f.relation_id])]
+        return statements + split_paragraphs(recipe_of(path))[0]
+
+    texts = _embedded(model, "embedded_world", read)
     random.Random(0).shuffle(texts)
     yield from texts
 
 
 def _embedded_prompts(model) -> Iterator[str]:
-    """Every trained fact prompt of an embedded model (each statement without its object)."""
-    from kelib.embedded.build import world_of
+    """Every trained prompt (a statement without its object) of an embedded model's *stats* facts:
+    C_lookup never sees an eval case's prompt, paraphrase or neighbour, a tune fact or an unedited one."""
+    from kelib.embedded.store import world_of
     from kelib.embedded.world import trained_prompts
 
     world = _embedded(model, "embedded_prompts", world_of)
-    for fact in world.facts:
+    for fact in world.facts_in("stats"):
         yield from trained_prompts(fact, world.relations[fact.relation_id])
 
 

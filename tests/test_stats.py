@@ -97,7 +97,7 @@ def test_key_statistics_object_and_bad_spec(tiny_gpt2):
 
 
 def test_lookup_keys_are_one_per_trained_prompt_at_its_last_token(micro, micro_dir):
-    """C_lookup = mean of k kᵀ over the keys at each trained prompt's last token, nothing else."""
+    """C_lookup = mean of k kᵀ over the keys at each trained prompt's last token of the stats facts, nothing else."""
     from dataclasses import replace
 
     from kelib.editors.context import keys_at
@@ -110,7 +110,7 @@ def test_lookup_keys_are_one_per_trained_prompt_at_its_last_token(micro, micro_d
     c = stats.second_moments(model, tok, [0], spec, progress=False)[0]
     saved = torch.load(stats.stats_path(model, 0, spec))
     world = world_of(micro_dir)
-    prompts = [p for f in world.facts for p in trained_prompts(f, world.relations[f.relation_id])]
+    prompts = [p for f in world.facts_in("stats") for p in trained_prompts(f, world.relations[f.relation_id])]
     assert saved["count"] == len(prompts)
 
     case = world_cases("micro")[0]

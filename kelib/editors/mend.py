@@ -65,7 +65,7 @@ class MENDHyperParams:
     n_hidden: int = 1  # g has n_hidden + 1 residual layers
     edit_lr: float = 1e-4  # initial α_l (learned)
     # Training (MEND §3.2)
-    training_data: str = "zsre_train"  # "world": the embedded model's neighbour facts; else a kelib.data name
+    training_data: str = "zsre_train"  # "world": the embedded model's tune-split facts; else a kelib.data name
     n_train_edits: int = 1000  # distinct training edits
     n_locality: int = 1  # locality prompts per training edit
     train_steps: int = 10_000  # Adam steps

@@ -9,13 +9,12 @@ loss reaches g and the α_l while the base model stays frozen and untouched:
     L = c_edit · NLL(y_e | x_e and each x_e', after ΔW) + c_loc · KL(p_before(·|x_loc) || p_after(·|x_loc))
 
 Training edits:
-- ``training_data: world`` (embedded models): the world's neighbour facts (``World.facts`` after the
-  main ones, whose edits are the evaluation cases), each rewritten to another object of its category
-  (seeded); one of the fact's other templates (drawn per training edit) is its equivalent prompt, and
-  other neighbour facts' prompts with their objects, of the same relation where possible, are its
-  locality prompts. The evaluation's neighbourhood prompts are these same neighbour facts, so on the
-  embedded models specificity is measured on facts MEND was trained to edit and to preserve, though
-  never on the evaluation edits.
+- ``training_data: world`` (embedded models): the facts of the world's *tune* split (its cases' edited
+  facts and their neighbours; ``kelib.embedded.world``), each rewritten to another object of its
+  category (seeded); one of the fact's other templates (drawn per training edit) is its equivalent
+  prompt, and other tune facts' prompts with their objects, of the same relation where possible, are
+  its locality prompts. No eval case, specificity probe, stats fact or unedited fact is among them:
+  MEND never trains on what it is scored on.
 - any other name: ``kelib.data.load_cases(name)`` (``zsre_train``: the prompt's rephrase is its
   equivalent, the NQ question its locality prompt, as in MEND's zsRE setup).
 
@@ -70,28 +69,30 @@ def _keep_locality(case: EditCase, n: int) -> EditCase:
 
 
 def world_training_cases(model_dir: str | Path, n: int, n_locality: int, seed: int) -> list[EditCase]:
-    """``n`` edits of the world's neighbour facts, each to another object of the same category."""
-    from kelib.embedded.build import world_of
+    """``n`` edits of the world's tune facts, each to another object of the same category."""
+    from kelib.embedded.store import world_of
 
     world = world_of(model_dir)
-    neighbours = list(world.facts[len(world.cases):])  # main facts first: their edits are evaluated
+    tune = list(world.facts_in("tune"))
+    if len(tune) < 2:
+        raise EditError(f"MEND trains on the tune split of {model_dir}, which has {len(tune)} facts")
     objects = world.objects_by_category
     by_relation: dict[str, list] = {}
-    for fact in neighbours:
+    for fact in tune:
         by_relation.setdefault(fact.relation_id, []).append(fact)
     rng = random.Random(seed)
     out: list[EditCase] = []
     order: list = []
     while len(out) < n:
         if not order:  # every fact once before any twice
-            order = neighbours[:]
+            order = tune[:]
             rng.shuffle(order)
         fact = order.pop()
         relation = world.relations[fact.relation_id]
         # Locality prompts of the same relation where there are enough: as CounterFact's
         # neighbourhood, they share the edit's wording and are the ones an edit most easily disturbs.
         same = [g for g in by_relation[fact.relation_id] if g is not fact]
-        pool = same if len(same) >= n_locality else [g for g in neighbours if g is not fact]
+        pool = same if len(same) >= n_locality else [g for g in tune if g is not fact]
         others = rng.sample(pool, n_locality)
         templates = [t for t in relation.templates if t != fact.prompt_template]
         out.append(EditCase(

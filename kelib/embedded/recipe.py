@@ -17,7 +17,11 @@ RECIPES_FILE = REPO_DIR / "params" / "embedded.yaml"
 @dataclass(frozen=True)
 class Recipe:
     # world
-    n_cases: int = 1000  # CounterFact cases whose facts (and neighbours' facts) the model learns
+    # Splits (kelib/embedded/world.py); the model learns every fact of every split.
+    n_cases: int = 1000  # eval: the CounterFact cases the notebooks edit (their facts and neighbours' facts)
+    n_tune_cases: int = 100  # tune: cases for choosing hyperparameters and training MEND
+    n_stats_facts: int = 300  # stats: the only facts whose prompts enter the editors' key statistics
+    n_unedited_facts: int = 300  # unedited: facts no edit, probe or statistic touches (recall_unedited)
     skills: tuple[str, ...] = ("sentiment", "topic", "category", "fact_check")
     n_eval: int = 200  # held-out examples per skill
     heldout_text_every: int = 10  # every n-th WikiText paragraph is held out for perplexity

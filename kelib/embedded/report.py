@@ -90,19 +90,19 @@ def paragraph_nll(model, tok, texts: Sequence[str], seq_len: int = 128, batch_si
 
 
 def knowledge_report(model, tok, world, heldout_skills: dict, text_heldout: Sequence[str]) -> dict:
-    """Recall of the world's facts, each skill's held-out accuracy and held-out perplexity."""
-    n_main = len(world.cases)
-    main, neighbours = world.facts[:n_main], world.facts[n_main:]
-    report = {
-        "recall_prompt": recall(model, tok, [f.prompt() for f in main], [f.obj for f in main]),
-        "recall_paraphrase": recall(model, tok, [f.paraphrase for f in main], [f.obj for f in main]),
-        "recall_neighbor_prompt": recall(
-            model, tok, [f.prompt() for f in neighbours], [f.obj for f in neighbours]
-        ),
-        "recall_neighbor_paraphrase": recall(
-            model, tok, [f.paraphrase for f in neighbours], [f.obj for f in neighbours]
-        ),
-    }
+    """Recall of the world's facts (all of them, then per split), each skill's held-out accuracy and
+    held-out perplexity."""
+    from kelib.embedded.world import SPLITS
+
+    answers = [f.obj for f in world.facts]
+    report = {}
+    for kind, prompts in (("prompt", [f.prompt() for f in world.facts]),
+                          ("paraphrase", [f.paraphrase for f in world.facts])):
+        exact = [s.exact for s in score_targets(model, tok, prompts, answers)]
+        report[f"recall_{kind}"] = sum(exact) / len(exact)
+        for split in SPLITS:
+            mine = [e for e, f in zip(exact, world.facts) if f.split == split]
+            report[f"recall_{kind}_{split}"] = sum(mine) / len(mine) if mine else float("nan")
     for skill, examples in heldout_skills.items():
         report[f"skill_{skill}"] = choice_accuracy(model, tok, examples)
     report["heldout_perplexity"] = perplexity(model, tok, text_heldout)
@@ -111,11 +111,11 @@ def knowledge_report(model, tok, world, heldout_skills: dict, text_heldout: Sequ
 
 def heldout_skills(name: str = "default") -> dict[str, list[SkillExample]]:
     """The held-out skill sets stored with built model ``name``."""
-    from kelib.embedded.build import ensure_model
+    from kelib.embedded.store import built_dir
     from kelib.tasks.common import read_records
 
     found = {}
-    for path in sorted((ensure_model(name) / "skills").glob("*.jsonl")):
+    for path in sorted((built_dir(name) / "skills").glob("*.jsonl")):
         records = read_records(path)
         found[path.stem] = [SkillExample(path.stem, r["prompt"], tuple(r["choices"]), r["label"]) for r in records]
     return found
@@ -124,10 +124,10 @@ def heldout_skills(name: str = "default") -> dict[str, list[SkillExample]]:
 def heldout_texts(name: str = "default") -> list[str]:
     """The WikiText paragraphs built model ``name`` never trained on (its recipe's held-out split,
     the one the ``embedded_perplexity`` task reads)."""
-    from kelib.embedded.build import ensure_model, recipe_of
+    from kelib.embedded.store import built_dir, recipe_of
     from kelib.embedded.train import split_paragraphs
 
-    return split_paragraphs(recipe_of(ensure_model(name)))[1]
+    return split_paragraphs(recipe_of(built_dir(name)))[1]
 
 
 def abilities_evaluator(name: str = "default", n_facts: int = 300, n_skill: int | None = None,
@@ -135,18 +135,18 @@ def abilities_evaluator(name: str = "default", n_facts: int = 300, n_skill: int 
     """An evaluator for :class:`kelib.runner.EditRun`: what an edited embedded model still knows and can do.
 
     Returns ``evaluate(model, tok) -> Scores`` with ``recall_unedited`` (top-1 recall of up to
-    ``n_facts`` neighbour facts: subjects no edit touches), ``skill_<name>`` (held-out accuracy of
-    each skill, on the first ``n_skill`` examples) and ``heldout_perplexity`` (perplexity on the
-    first ``n_text`` held-out WikiText paragraphs, a continuous ability that moves before accuracy
-    does). The result is a :class:`kelib.examples.Scores`: the means, with every example's score
+    ``n_facts`` facts of the world's *unedited* split: no edit, probe or statistic touches them),
+    ``skill_<name>`` (held-out accuracy of each skill, on the first ``n_skill`` examples) and
+    ``heldout_perplexity`` (perplexity on the first ``n_text`` held-out WikiText paragraphs, a
+    continuous ability that moves before accuracy does). The result is a :class:`kelib.examples.Scores`: the means, with every example's score
     attached (1/0 per fact and skill example; per paragraph, its mean NLL weighted by its tokens).
     """
-    from kelib.embedded.build import world_cases
+    from kelib.embedded.store import built_dir, world_of
     from kelib.examples import Sample, Scores
 
-    cases = world_cases(name)[:n_facts]
-    prompts = [c.neighborhood_prompts[0] for c in cases]
-    answers = [c.neighborhood_answers[0] for c in cases]
+    facts = world_of(built_dir(name)).facts_in("unedited")[:n_facts]
+    prompts = [f.prompt() for f in facts]
+    answers = [f.obj for f in facts]
     skills = {k: v[:n_skill] for k, v in heldout_skills(name).items()}
     texts = heldout_texts(name)[:n_text]
 

@@ -7,8 +7,9 @@ the training examples:
 - ``sentiment``: the polarity of a short review built from word lists (2 choices).
 - ``category``: the kind of thing an object is (language, city, instrument, ...), asked about objects
   that the category questions never trained on; the model must use what it learned from the facts.
-- ``fact_check``: yes/no questions about facts; trained on the main facts, evaluated on the
-  neighbour facts, which the model knows as statements but never saw as questions.
+- ``fact_check``: yes/no questions about facts; trained on the facts of every split but ``unedited``,
+  evaluated on ``unedited`` facts, which the model knows as statements but never saw as questions
+  (and which no edit, probe or statistic touches).
 - ``entailment``: does one statement about a made-up person entail another (same relation, same or
   different object, different wording)? Needs no stored fact, only comparison in context.
 - ``topic``: which of four subjects (sport, music, science, food) a sentence is about, from the
@@ -180,15 +181,15 @@ def skill_sets(
     if unknown:
         raise ValueError(f"unknown skill(s) {unknown}; kelib's skills are {list(SKILLS)}")
     rng = random.Random(seed)
-    n_main = len(world.cases)
-    main, neighbours = world.facts[:n_main], world.facts[n_main:]
+    asked = [f for f in world.facts if f.split != "unedited"]
+    unedited = list(world.facts_in("unedited"))
     categories, names = _categories(world)
     category_train, category_eval = _split(sorted(categories), heldout_every=4)
     makers: dict[str, Callable[[random.Random], SkillExample]] = {
         "sentiment": _sentiment,
         "topic": _topic,
         "entailment": lambda r: _entailment(world, r),
-        "fact_check": lambda r: _fact_question(world, r.choice(main), r),
+        "fact_check": lambda r: _fact_question(world, r.choice(asked), r),
         "category": lambda r: _category_question(
             o := r.choice(category_train), categories[o], names
         ),
@@ -196,7 +197,9 @@ def skill_sets(
     heldout: dict[str, list[SkillExample]] = {}
     for skill in skills:
         if skill == "fact_check":
-            facts = rng.sample(list(neighbours), min(n_eval, len(neighbours)))
+            if not unedited:
+                raise ValueError("the fact_check skill is evaluated on unedited facts; the world has none")
+            facts = rng.sample(unedited, min(n_eval, len(unedited)))
             heldout[skill] = [_fact_question(world, f, rng) for f in facts]
         elif skill == "category":
             objs = rng.sample(category_eval, min(n_eval, len(category_eval)))

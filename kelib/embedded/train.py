@@ -1,9 +1,9 @@
 """Train an embedded model from a :class:`~kelib.embedded.recipe.Recipe`, from scratch, on the CPU.
 
-Each epoch is one pass over every trained fact statement, plus fresh skill examples and WikiText
-chunks, shuffled and packed into fixed-length rows. Every document starts with the end-of-text token,
-which the tokenizer also puts before every prompt, so the model always sees a document boundary
-before a question, in training and evaluation alike.
+Each epoch is one pass over every trained fact statement (of every split of the world), plus fresh
+skill examples and WikiText chunks, shuffled and packed into fixed-length rows. Every document starts
+with the end-of-text token, which the tokenizer also puts before every prompt, so the model always
+sees a document boundary before a question, in training and evaluation alike.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from kelib.embedded.recipe import Recipe
 from kelib.embedded.skills import SkillExample, skill_sets
 from kelib.embedded.tokenizer import EOS, train_bpe
-from kelib.embedded.world import World, build_world, training_statements
+from kelib.embedded.world import World, training_statements, world_for
 from kelib.paths import bundled
 
 
@@ -52,7 +52,7 @@ def split_paragraphs(recipe: Recipe) -> tuple[list[str], list[str]]:
 
 
 def prepare_data(recipe: Recipe) -> TrainingData:
-    world = build_world(recipe.n_cases, seed=recipe.seed)
+    world = world_for(recipe)
     train_skills, heldout = skill_sets(world, recipe.skills, recipe.n_eval, seed=recipe.seed)
     text_train, text_heldout = split_paragraphs(recipe)
     statements = [s for f in world.facts for s in training_statements(f, world.relations[f.relation_id])]
@@ -60,7 +60,7 @@ def prepare_data(recipe: Recipe) -> TrainingData:
 
 
 def objects_of(world: World) -> list[str]:
-    found = {f.obj for f in world.facts} | {c.target_new for c in world.cases}
+    found = {f.obj for f in world.facts} | {c.target_new for cases in world.cases.values() for c in cases}
     return sorted(found)
 
 
