@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 
 from kelib.editors.base import EditResult, check_cases, register
-from kelib.editors.target import TargetSettings
-from kelib.editors.memit import compute_targets, current_outputs, memit_keys
+from kelib.editors.target import TargetSettings, on_reference_path
+from kelib.editors.memit import compute_targets, keys_and_outputs, memit_keys
 from kelib.models import add_to_weight, check_layer, get_weight, set_weight
 from kelib.stats import SecondMomentSettings
 
@@ -57,8 +57,9 @@ def compute_update(model, tok, cases: Sequence, hparams: AlphaEditHyperParams, s
     result = EditResult(deltas={}, info=info)
     try:
         for i, layer in enumerate(layers):
-            keys = memit_keys(model, tok, cases, layer, hparams).double()
-            residual = (z - current_outputs(model, tok, cases, hparams)).double() / (len(layers) - i)
+            keys, outputs = keys_and_outputs(model, tok, cases, layer, hparams)
+            keys = keys.double()
+            residual = (z - outputs).double() / (len(layers) - i)
             p = projections[layer].to(keys.device).double()
             moment = keys @ keys.T + past.get(layer, torch.zeros_like(p)).to(keys.device).double()
             system = p @ moment + hparams.L2 * torch.eye(len(p), dtype=p.dtype, device=p.device)
@@ -68,8 +69,13 @@ def compute_update(model, tok, cases: Sequence, hparams: AlphaEditHyperParams, s
             result.keys[layer] = keys.float()
             result.residuals[layer] = residual.float() * (len(layers) - i)
         info["projected_fraction"] = float(sum(torch.trace(projections[l]) for l in layers) / sum(len(projections[l]) for l in layers))
-        for layer in layers:  # keys after the whole update, as the authors' code accumulates them
-            keys = memit_keys(model, tok, cases, layer, hparams).double().cpu()
+        # The authors' code reads the keys again after the whole update. A layer's keys depend only on
+        # the weights below its W, which were in place when its update was solved: they are the same.
+        for layer in layers:
+            if on_reference_path():
+                keys = memit_keys(model, tok, cases, layer, hparams).double().cpu()
+            else:
+                keys = result.keys[layer].double().cpu()
             past[layer] = past.get(layer, 0) + keys @ keys.T
     finally:
         for layer, weight in originals.items():

@@ -19,10 +19,12 @@ from typing import Literal, Sequence
 import torch
 
 from kelib.editors.base import EditResult, check_cases, register
-from kelib.editors.context import keys_at, memit_templates
-from kelib.editors.target import TargetSettings, optimize_target
-from kelib.models import add_to_weight, check_layer, get_weight, set_weight
+from kelib.editors.context import keys_at, lookup_index, memit_templates, split_template
+from kelib.editors.partial import forward_through
+from kelib.editors.target import TargetSettings, on_reference_path, optimize_cases, optimize_targets_reference
+from kelib.models import add_to_weight, capture, check_layer, device_of, get_weight, set_weight
 from kelib.stats import SecondMomentSettings
+from kelib.tokens import encode, pad_batch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +44,11 @@ def memit_templates_flat(model, tok, hparams) -> tuple[list[str], list[list[str]
 def compute_targets(model, tok, cases, hparams) -> tuple[torch.Tensor, dict]:
     """Z: ``[d_model, n]`` targets of the residual stream after the last edited layer."""
     flat, _ = memit_templates_flat(model, tok, hparams)
-    found = [optimize_target(model, tok, c, hparams.layers[-1], "block", flat, hparams) for c in cases]
+    last = hparams.layers[-1]
+    if on_reference_path():
+        found = [optimize_targets_reference(model, tok, c, last, ["block"], flat, hparams)[0] for c in cases]
+    else:  # all cases in one optimisation, each with its own δ and early stop
+        found = [t.targets[0] for t in optimize_cases(model, tok, cases, last, ["block"], flat, hparams)]
     info = {
         "loss": sum(t.loss for t in found) / len(found),
         "steps": sum(t.steps for t in found) / len(found),
@@ -65,6 +71,33 @@ def current_outputs(model, tok, cases, hparams, part: str = "block") -> torch.Te
     return keys_at(model, tok, cases, ["{}"], [last], hparams.fact_token, part=part)[last][1].T
 
 
+def keys_and_outputs(model, tok, cases, layer: int, hparams, part: str = "mlp_out",
+                     out_part: str = "block") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`memit_keys` at ``layer`` and :func:`current_outputs` of ``out_part``, from one forward pass
+    over every template (the plain prompt is MEMIT's first template group), stopped after the last
+    edited layer."""
+    if on_reference_path():
+        return memit_keys(model, tok, cases, layer, hparams, part), current_outputs(model, tok, cases, hparams, out_part)
+    flat, groups = memit_templates_flat(model, tok, hparams)
+    texts, positions = [], []
+    for case in cases:
+        for template in flat:
+            prefix = split_template(template)
+            texts.append(encode(tok, prefix + case.prompt))
+            positions.append(lookup_index(tok, prefix, case.prompt, case.subject, hparams.fact_token))
+    ids, mask = pad_batch(texts, tok.pad_token_id, device_of(model))
+    last = hparams.layers[-1]
+    with capture(model, [layer], part) as at_key, capture(model, [last], out_part) as at_out:
+        forward_through(model, ids, mask, max(layer, last))
+    rows, cols = torch.arange(len(texts), device=ids.device), torch.as_tensor(positions, device=ids.device)
+    shape = (len(cases), len(flat), -1)
+    keys = at_key[layer]["key"][rows, cols].float().view(shape)
+    bounds = torch.tensor([0, *(len(g) for g in groups)]).cumsum(0).tolist()
+    k = torch.stack([keys[:, lo:hi].mean(1) for lo, hi in zip(bounds, bounds[1:])]).mean(0).T
+    outputs = at_out[last]["value"][rows, cols].float().view(shape)[:, flat.index("{}")].T
+    return k, outputs
+
+
 def solve_update(residual: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor, weight: float) -> torch.Tensor:
     """ΔW = R Kᵀ (λ C0 + K Kᵀ)⁻¹ in float64: ``R: [d_out, n]``, ``K: [d_in, n]`` -> ``[d_out, d_in]``."""
     k = keys.double()
@@ -84,9 +117,9 @@ def compute_update(model, tok, cases: Sequence, hparams: MEMITHyperParams, stats
     try:
         residual = None
         for i, layer in enumerate(layers):
-            keys = memit_keys(model, tok, cases, layer, hparams)
+            keys, outputs = keys_and_outputs(model, tok, cases, layer, hparams)
             if residual is None or hparams.residual_spread == "recompute":
-                residual = z - current_outputs(model, tok, cases, hparams)
+                residual = z - outputs
             delta = solve_update(residual / (len(layers) - i), keys, stats[layer], hparams.mom2_update_weight)
             add_to_weight(model, layer, delta)  # later layers' keys and residuals see this layer's edit
             result.deltas[layer] = delta

@@ -28,8 +28,8 @@ from typing import Sequence
 import torch
 
 from kelib.editors.base import EditError, EditResult, check_cases, register
-from kelib.editors.memit import MEMITHyperParams, current_outputs, memit_keys, memit_templates_flat, solve_update
-from kelib.editors.target import optimize_targets
+from kelib.editors.memit import MEMITHyperParams, keys_and_outputs, memit_templates_flat, solve_update
+from kelib.editors.target import on_reference_path, optimize_cases, optimize_targets_reference
 from kelib.models import add_to_weight, check_layer, get_weight, set_weight
 
 PARTS = ("mlp_out", "attn_out")
@@ -56,8 +56,8 @@ def compute_update(model, tok, cases: Sequence, hparams: PMETHyperParams, stats,
     try:
         for i, layer in enumerate(layers):
             for part in parts:
-                keys = memit_keys(model, tok, cases, layer, hparams, part)
-                residual = targets[part] - current_outputs(model, tok, cases, hparams, part)
+                keys, outputs = keys_and_outputs(model, tok, cases, layer, hparams, part, out_part=part)
+                residual = targets[part] - outputs
                 delta = solve_update(residual / math.sqrt(len(layers) - i), keys, stats_of[part][layer],
                                      hparams.mom2_update_weight)
                 add_to_weight(model, layer, delta, part)
@@ -76,8 +76,12 @@ def compute_update(model, tok, cases: Sequence, hparams: PMETHyperParams, stats,
 def joint_targets(model, tok, cases, hparams) -> tuple[dict[str, torch.Tensor], dict]:
     """``{part: Z}`` with Z ``[d_model, n]``: the optimised outputs of the attention and FFN of layer L."""
     flat, _ = memit_templates_flat(model, tok, hparams)
-    found = [optimize_targets(model, tok, c, hparams.layers[-1], PARTS, flat, hparams, decay_power=1.0)
-             for c in cases]
+    last = hparams.layers[-1]
+    if on_reference_path():
+        found = [optimize_targets_reference(model, tok, c, last, PARTS, flat, hparams, decay_power=1.0)
+                 for c in cases]
+    else:
+        found = [t.targets for t in optimize_cases(model, tok, cases, last, PARTS, flat, hparams, decay_power=1.0)]
     info = {
         "loss": sum(t[0].loss for t in found) / len(found),
         "steps": sum(t[0].steps for t in found) / len(found),

@@ -25,7 +25,7 @@ import torch
 
 from kelib.editors.base import EditResult, check_cases, register
 from kelib.editors.context import keys_at, rome_templates
-from kelib.editors.target import TargetSettings, optimize_target
+from kelib.editors.target import TargetSettings, on_reference_path, optimize_cases, optimize_targets_reference
 from kelib.models import add_to_weight, check_layer, get_weight, set_weight
 from kelib.stats import SecondMomentSettings
 
@@ -63,15 +63,22 @@ def compute_update(model, tok, cases: Sequence, hparams: ROMEHyperParams, stats,
 
 
 def rank_one_update(model, tok, case, layer: int, templates, hparams: ROMEHyperParams, stats):
-    """ΔW for one case on the model as it is now; returns ``(ΔW, Target)``."""
-    k_bar, out_bar = (t[0] for t in keys_at(model, tok, [case], templates, [layer], hparams.fact_token)[layer])
+    """ΔW for one case on the model as it is now; returns ``(ΔW, Target)``.
+
+    k̄ and W k̄ + b are read in the target optimisation's first pass (the reference path reads them in a
+    pass of their own)."""
+    if on_reference_path():
+        k_bar, out_bar = (t[0] for t in keys_at(model, tok, [case], templates, [layer], hparams.fact_token)[layer])
+        target = optimize_targets_reference(model, tok, case, layer, ["mlp_out"], templates, hparams)[0]
+    else:
+        found = optimize_cases(model, tok, [case], layer, ["mlp_out"], templates, hparams)[0]
+        k_bar, out_bar, target = found.key, found.key_output, found.targets[0]
     if hparams.mom2_adjustment:
         c = stats[layer].to(k_bar.device, torch.float64)
         u = torch.linalg.solve(c, k_bar.double()).float()
     else:
         u = k_bar.clone()
     u = u / u.norm()
-    target = optimize_target(model, tok, case, layer, "mlp_out", templates, hparams)
     if hparams.original_key_use:
         k, out = (t[0] for t in keys_at(model, tok, [case], ["{}"], [layer], hparams.fact_token)[layer])
     else:
