@@ -38,33 +38,62 @@ class TargetScores:
         return all(self.token_correct)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_targets(
     model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64
 ) -> list[TargetScores]:
-    """Teacher-forced NLL and argmax of ``targets[i]`` after ``prompts[i]``, batched."""
+    """Teacher-forced NLL and argmax of ``targets[i]`` after ``prompts[i]``, batched.
+
+    A pair is read from the forward pass of the longest input it is a prefix of (causal attention:
+    the logits at a position do not depend on what follows), so pairs that share their input (a
+    prompt with its new and its true object, when both are one token) cost one row. Rows are sorted
+    by length before batching, which keeps padding low."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     encoded = [with_target(tok, p, t) for p, t in zip(prompts, targets)]
+    inputs = [tuple(full[:-1]) for full, _ in encoded]  # the last target token is predicted, never input
+    row_of: dict[tuple, int] = {}  # every prefix of a chosen row -> that row
+    rows: list[tuple] = []
+    for ids in sorted(set(inputs), key=len, reverse=True):
+        if ids not in row_of:
+            for end in range(1, len(ids) + 1):
+                row_of.setdefault(ids[:end], len(rows))
+            rows.append(ids)
+    pairs_of: dict[int, list[int]] = {}
+    for i, ids in enumerate(inputs):
+        pairs_of.setdefault(row_of[ids], []).append(i)
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
     device = device_of(model)
-    out: list[TargetScores] = []
-    for lo in range(0, len(encoded), batch_size):
-        chunk = encoded[lo : lo + batch_size]
-        ids, mask = pad_batch([e[0] for e in chunk], tok.pad_token_id, device)
-        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        for row, (full, start) in enumerate(chunk):
-            positions = torch.arange(start - 1, len(full) - 1, device=device)
-            wanted = ids[row, start : len(full)]
-            lp = logprobs[row, positions]
-            nll = -lp.gather(-1, wanted[:, None]).squeeze(-1)
-            argmax = lp.argmax(-1)
-            out.append(
-                TargetScores(
-                    nll=nll.mean().item(),
-                    token_correct=tuple((argmax == wanted).tolist()),
-                    argmax=tuple(argmax.tolist()),
-                )
+    out: list[TargetScores | None] = [None] * len(encoded)
+    for lo in range(0, len(order), batch_size):
+        chunk = order[lo : lo + batch_size]
+        ids, mask = pad_batch([rows[r] for r in chunk], tok.pad_token_id, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        # Every target token of every pair read from this chunk, in one gather.
+        pairs = [i for r in chunk for i in pairs_of[r]]
+        at_row = {r: k for k, r in enumerate(chunk)}
+        token_row, token_pos, token_id = [], [], []
+        for i in pairs:
+            full, start = encoded[i]
+            token_row += [at_row[row_of[inputs[i]]]] * (len(full) - start)
+            token_pos += range(start - 1, len(full) - 1)
+            token_id += full[start:]
+        wanted = torch.tensor(token_id, device=device)
+        lp = torch.log_softmax(logits[torch.tensor(token_row, device=device), torch.tensor(token_pos, device=device)]
+                               .float(), -1)
+        nll = (-lp.gather(-1, wanted[:, None]).squeeze(-1)).tolist()
+        argmax = lp.argmax(-1).tolist()
+        at = 0
+        for i in pairs:
+            full, start = encoded[i]
+            n = len(full) - start
+            nlls, best = nll[at : at + n], argmax[at : at + n]
+            out[i] = TargetScores(
+                nll=sum(nlls) / n,
+                token_correct=tuple(b == t for b, t in zip(best, full[start:])),
+                argmax=tuple(best),
             )
+            at += n
     return out
 
 
@@ -92,9 +121,8 @@ class Comparison:
 
 
 def compare(model, tok, prompts: Sequence[str], new: Sequence[str], true: Sequence[str]) -> list[Comparison]:
-    nll_new = score_targets(model, tok, prompts, new)
-    nll_true = score_targets(model, tok, prompts, true)
-    return [Comparison(a.nll, b.nll) for a, b in zip(nll_new, nll_true)]
+    scores = score_targets(model, tok, [*prompts, *prompts], [*new, *true])  # one call: shared rows
+    return [Comparison(a.nll, b.nll) for a, b in zip(scores[: len(prompts)], scores[len(prompts) :])]
 
 
 def counterfact_metrics(model, tok, cases) -> dict[str, float]:
@@ -114,6 +142,7 @@ def counterfact_scores(model, tok, cases):
     from kelib.examples import Sample, Scores
 
     rows = {k: [] for k in ("efficacy", "paraphrase", "neighborhood")}
+    units = []  # (case, group name, prompts, new objects, true objects)
     for case in cases:
         groups = {
             "efficacy": ([case.prompt], case.target_new, case.target_true),
@@ -122,17 +151,22 @@ def counterfact_scores(model, tok, cases):
             "neighborhood": (list(case.neighborhood_prompts), case.target_new, None),
         }
         for name, (prompts, new, true) in groups.items():
-            if not prompts:
-                continue
-            trues = list(case.neighborhood_answers) if true is None else [true] * len(prompts)
-            comps = compare(model, tok, prompts, [new] * len(prompts), trues)
-            if name == "neighborhood":
-                success = [not c.new_wins for c in comps]
-                magnitude = [-c.magnitude for c in comps]
-            else:
-                success = [c.new_wins for c in comps]
-                magnitude = [c.magnitude for c in comps]
-            rows[name].append((case.case_id, sum(success) / len(success), sum(magnitude) / len(magnitude)))
+            if prompts:
+                trues = list(case.neighborhood_answers) if true is None else [true] * len(prompts)
+                units.append((case, name, prompts, [new] * len(prompts), trues))
+    # Every case's comparisons in one batched call.
+    all_comps = compare(model, tok, [p for u in units for p in u[2]], [n for u in units for n in u[3]],
+                        [t for u in units for t in u[4]])
+    at = 0
+    for case, name, prompts, _, _ in units:
+        comps, at = all_comps[at : at + len(prompts)], at + len(prompts)
+        if name == "neighborhood":
+            success = [not c.new_wins for c in comps]
+            magnitude = [-c.magnitude for c in comps]
+        else:
+            success = [c.new_wins for c in comps]
+            magnitude = [c.magnitude for c in comps]
+        rows[name].append((case.case_id, sum(success) / len(success), sum(magnitude) / len(magnitude)))
     result: dict[str, float] = {}
     examples = {}
     for name, values in rows.items():
