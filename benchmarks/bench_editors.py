@@ -3,6 +3,18 @@
     python benchmarks/bench_editors.py                       # single + batch editing, 50 cases, every editor
     python benchmarks/bench_editors.py --sequential 500      # plus 500 sequential ROME edits (minutes)
     python benchmarks/bench_editors.py --gpt2-xl-shape --device cuda   # timing on a GPT-2 XL-sized model
+    python benchmarks/bench_editors.py --speed                     # seconds per edit, new vs old path
+    python benchmarks/bench_editors.py --speed --long 1000         # plus 1,000 sequential edits, phase shares
+    python benchmarks/bench_editors.py --model kelib-micro --speed --long 1000 --editors ROME MEMIT AlphaEdit PMET
+
+``--speed`` (issue #14, :mod:`editing_speed`): seconds per edit of every editor, single and batches
+of 10 / 100; the ratio of the path before issue #14 (the editors' ``reference_path`` and the old
+edit metrics) to the new one, alternated in this run; with ``--long N``, N sequential edits of ROME,
+MEMIT and MEMIT + D4S with checkpoints at 100 / 500 / 1,000, wall time and the shares spent in target
+optimisation, the rest of the update, weight diagnostics and evaluation (``--long-old`` adds the same
+runs on the old path). Runs on ``--threads`` threads (2 by default, the reference machine; on a
+machine shared with other jobs, 2 threads on 2 cores oversubscribe and time mostly waiting: use 1).
+``benchmarks/gpu_editing_speed.py`` times a GPT-2 XL-shaped model on a GPU.
 
 Prints the share of an edit's u·k that reaches a same-template neighbour (with C0 from text alone
 and with the lookup keys mixed in); per editor: single-edit efficacy / paraphrase / neighbourhood specificity (CounterFact
@@ -23,6 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -31,6 +44,7 @@ from kelib.runner import RunSpec, run_edits  # noqa: E402
 from kelib.stats import statistics_for  # noqa: E402
 
 EDITORS = ("ROME", "MEMIT", "FT", "AlphaEdit", "PMET", "GRACE", "KN", "MEND")
+MODEL = "kelib-default"  # --model
 
 
 def metric(table, name, checkpoint=None):
@@ -45,7 +59,7 @@ def single_and_batch(model, tok, cases, n: int, batch: int, editors) -> None:
     print(f"{'editor':<10} {'efficacy':>9} {'paraphr.':>9} {'specif.':>9} {'s/edit':>8} | "
           f"{'batch eff.':>10} {'batch spec.':>11} {'s/batch':>8}")
     for editor in editors:
-        hp = load_hparams(editor, "kelib-default")
+        hp = load_hparams(editor, MODEL)
         stats = statistics_for(model, tok, hp, progress=False)
         stats.prefetch(hp.layers)
         start = time.perf_counter()
@@ -65,7 +79,7 @@ def neighbour_share(model, tok, cases, n: int, editor: str = "ROME") -> None:
     """How much of an edit's u·k reaches a same-template neighbour, with and without the lookup share."""
     from kelib.stats import KeyStatistics, neighbour_key_share
 
-    hp = load_hparams(editor, "kelib-default")
+    hp = load_hparams(editor, MODEL)
     layer = hp.layers[-1]
     stats = statistics_for(model, tok, hp, progress=False)
     print(f"\nneighbour's share of u·k (u = C0⁻¹k) at {editor}'s layer {layer}, first {n} cases: median (90th percentile)")
@@ -78,13 +92,13 @@ def neighbour_share(model, tok, cases, n: int, editor: str = "ROME") -> None:
 def sequential(model, tok, cases, n: int, editor: str = "ROME") -> None:
     from kelib.embedded import abilities_evaluator
 
-    hp = load_hparams(editor, "kelib-default")
+    hp = load_hparams(editor, MODEL)
     stats = statistics_for(model, tok, hp, progress=False)
     checkpoints = sorted({0, *range(0, n + 1, max(n // 5, 1))})
     spec = RunSpec(editor, "sequential", n_edits=n, checkpoints=checkpoints, max_eval_cases=100)
+    evaluators = {"abilities": abilities_evaluator(MODEL.removeprefix("kelib-"), n_skill=100)}
     start = time.perf_counter()
-    table = run_edits(model, tok, cases, spec, hp, stats, evaluators={"abilities": abilities_evaluator(n_skill=100)},
-                      progress=True)
+    table = run_edits(model, tok, cases, spec, hp, stats, evaluators=evaluators, progress=True)
     seconds = time.perf_counter() - start
     layer = hp.layers[-1]
     weights = table[(table.scope == "weights") & (table.layer == layer)].pivot_table(
@@ -124,26 +138,54 @@ def gpt2_xl_shape(device: str) -> None:
         print(f"  {editor}: {(time.perf_counter() - start) / 5:.2f} s per edit (edit + metrics + restore)")
 
 
+def speed(model, tok, cases, args) -> None:
+    import editing_speed
+
+    editors = args.editors or list(EDITORS)
+    editing_speed.per_edit(model, tok, cases, MODEL, editors, sizes=(1, 10, 100), n_single=args.n_speed,
+                           device=args.device)
+    editing_speed.new_vs_old(model, tok, cases, MODEL, [e for e in editors if e in editing_speed.OPTIMISING],
+                             n_single=args.n_speed, device=args.device)
+    if args.long:
+        from kelib.embedded import abilities_evaluator
+
+        evaluators = {"abilities": abilities_evaluator(MODEL.removeprefix("kelib-"), n_skill=100)}
+        for old in (False, True) if args.long_old else (False,):
+            editing_speed.long_runs(model, tok, cases, MODEL, n=args.long, evaluators=evaluators, old=old,
+                                    device=args.device)
+
+
 def main() -> None:
+    global MODEL
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=MODEL, help="embedded model (kelib-default, kelib-micro)")
     parser.add_argument("--n", type=int, default=50, help="single edits per editor")
     parser.add_argument("--batch", type=int, default=100, help="size of the batch edit")
-    parser.add_argument("--editors", nargs="*", default=list(EDITORS), help="editors to benchmark (none: skip)")
+    parser.add_argument("--editors", nargs="*", default=list(EDITORS), help="editors to benchmark (none: skip; "
+                        "with --speed: every editor)")
     parser.add_argument("--sequential", type=int, default=0, metavar="N", help="N sequential ROME edits")
+    parser.add_argument("--speed", action="store_true", help="seconds per edit and the new/old ratio (issue #14)")
+    parser.add_argument("--n-speed", type=int, default=10, help="single edits timed per editor with --speed")
+    parser.add_argument("--long", type=int, default=0, metavar="N", help="with --speed: N sequential edits of "
+                        "ROME, MEMIT, MEMIT + D4S with phase shares")
+    parser.add_argument("--long-old", action="store_true", help="with --long: the same runs on the old path")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpt2-xl-shape", action="store_true")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    MODEL = args.model
+    torch.set_num_threads(args.threads)
 
     if args.gpt2_xl_shape:
         gpt2_xl_shape(args.device)
         return
-    from kelib.embedded import world_cases
-    from kelib.models import load_model
+    from editing_speed import load, machine
 
-    model, tok = load_model("kelib-default", device=args.device)
-    cases = world_cases("default")
-    print(f"kelib-default on {args.device}, {torch.get_num_threads()} threads")
+    model, tok, cases = load(MODEL, args.device)
+    print(f"{MODEL} on {args.device}: {machine(args.device)}")
+    if args.speed:
+        speed(model, tok, cases, args)
+        return
     neighbour_share(model, tok, cases, args.n)
     if args.editors:
         single_and_batch(model, tok, cases, args.n, args.batch, args.editors)
