@@ -45,7 +45,7 @@ import numpy as np
 import seaborn as sns
 import torch
 
-from kelib import experiments, plotting
+from kelib import experiments, plotting, verdicts
 from kelib.diagnostics import singular_values
 from kelib.models import get_weight
 
@@ -107,14 +107,27 @@ axes[-1].legend(loc="center left", bbox_to_anchor=(1, 0.5))
 plotting.provenance_caption(fig, {**setup.description, "n_edits": n_edits, "PRUNE alpha": prune_alpha})
 plotting.save_figure(fig, out_dir, "spectra")
 
+# %% [markdown]
+# **Verdicts.** PRUNE keeps the condition number lower only if its growth is lower than its editor's
+# by more than 1% (a PRUNE that restrains nothing, or only rounds through its SVD, does not pass);
+# it preserves abilities only where its abilities after the last edit beat its editor's on the same
+# examples, with a bootstrap 95% interval that excludes zero.
+
 # %%
 final = spectrum.groupby("setting").last()
 first = spectrum.groupby("setting").first()
 growth = (final.condition_number / first.condition_number).to_dict()
 scores = experiments.summary(grid)
 scores["setting"] = scores.editor + np.where(scores.regularizer == "none", "", " + " + scores.regularizer)
-ability_cols = [c for c in scores if c.startswith("skill_") or c == "recall_unedited" or "/" in c]
-scores["abilities_mean"] = scores[ability_cols].mean(axis=1)
+scores["abilities_mean"] = scores[experiments.ability_columns(scores.columns)].mean(axis=1)
+lower = {s: verdicts.compare_values(f"{s} keeps the condition number's growth below {s.replace(' + PRUNE', '')}'s",
+                                    growth[s], growth[s.replace(" + PRUNE", "")], "lower")
+         for s in growth if "PRUNE" in s}
+ability_verdicts, missing = experiments.regularizer_verdicts(grid)
+for s, g in growth.items():
+    print(f"{s}: condition number x{g:.2f} over {n_edits} edits; mean ability "
+          f"{scores.set_index('setting').abilities_mean[s]:.3f}")
+judged = experiments.print_verdicts([*lower.values(), *ability_verdicts], missing)
 numbers = {
     "model": model_name,
     "n_edits": n_edits,
@@ -122,14 +135,14 @@ numbers = {
     "sigma": bounds,
     "abilities_mean": scores.set_index("setting").abilities_mean.to_dict(),
     "grows": {s: bool(g > 1.5) for s, g in growth.items() if "PRUNE" not in s},
-    "prune_lower": {s: bool(growth[s] <= growth[s.replace(" + PRUNE", "")]) for s in growth if "PRUNE" in s},
+    "prune_lower": {s: v.holds for s, v in lower.items()},
+    "verdicts": judged,
 }
 plotting.write_numbers(out_dir, numbers)
-for s, g in growth.items():
-    print(f"{s}: condition number x{g:.2f} over {n_edits} edits; mean ability {numbers['abilities_mean'][s]:.3f}")
 print(f"Condition number grows (>1.5x) without PRUNE: {numbers['grows']}; PRUNE keeps it lower: {numbers['prune_lower']}.")
 
 # %% [markdown]
 # **Claim:** the condition number of edited matrices grows with the number of edits, and PRUNE's
 # restraint of Δ's singular values above σmax(W_0) bounds it and keeps abilities. The printed lines
-# are computed from this run; the spectra show which singular values of Δ PRUNE restrained.
+# are computed from this run, each verdict with its evidence; the spectra show which singular values
+# of Δ PRUNE restrained.
