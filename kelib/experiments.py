@@ -61,7 +61,7 @@ def load_setup(
     ability_tasks: Sequence[str] = (),
     ability_limit: int | None = None,
     n_facts: int = 300,
-    n_skill: int | None = 100,
+    n_skill: int | None = None,  # every held-out example of each skill (the recipe's n_eval)
 ) -> Setup:
     """Model, tokenizer, cases and evaluators for ``model_name``.
 
