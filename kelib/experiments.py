@@ -19,7 +19,6 @@ import pandas as pd
 import torch
 
 from kelib.editors import load_hparams
-from kelib.io import stable_hash
 from kelib.models import EMBEDDED_MODELS
 from kelib.paths import cache_dir
 from kelib.runner import RunSpec, run_edits
@@ -125,9 +124,8 @@ def run_grid(
 
     Returns the runs' tidy tables stacked, with the run's settings as extra columns.
     """
-    from kelib.evaluation import weights_fingerprint
+    from kelib.runner import EditRun
 
-    fingerprint = weights_fingerprint(setup.model)
     cases = setup.cases[first_case : first_case + n_edits]
     tables = []
     for run in runs:
@@ -142,20 +140,24 @@ def run_grid(
             editor=editor,
             protocol=protocol,
             n_edits=n_edits,
-            batch_size=run.get("batch_size", 1),
+            batch_size=run.get("batch_size"),
             regularizer=regularizer,
             regularizer_params=params,
             checkpoints=sorted(set(checkpoints) | {0}) if protocol == "sequential" else [],
             max_eval_cases=max_eval_cases,
         )
         stats = statistics_for(setup.model, setup.tok, hparams, progress=progress)
-        evaluator_key = {name: getattr(fn, "key", name) for name, fn in setup.evaluators.items()}
-        key = stable_hash({"spec": spec, "hparams": hparams, "cases": [c.case_id for c in cases],
-                           "evaluators": evaluator_key, "weights": fingerprint}, 12)
-        label = f"{editor}-{regularizer}-{spec.protocol}-b{spec.batch_size}-n{n_edits}-{key}"
+        edit_run = EditRun(setup.model, setup.tok, cases, spec, hparams, stats, evaluators=setup.evaluators,
+                           progress=progress, meta={"model": setup.model_name})
+        # the folder is named by everything the run depends on (weights, spec, hyperparameters, cases,
+        # evaluators, editor code): a changed input gets a new run, never a mixed one
+        label = f"{editor}-{regularizer}-{spec.protocol}-b{spec.batch_size}-n{n_edits}-{edit_run.fingerprint[:12]}"
         out_dir = cache_dir("runs", setup.model_name.replace("/", "_")) / label
-        table = run_edits(setup.model, setup.tok, cases, spec, hparams, stats, out_dir=out_dir,
-                          evaluators=setup.evaluators, progress=progress, meta={"model": setup.model_name})
+        edit_run.keep_in(out_dir)
+        try:
+            table = edit_run.run()
+        finally:
+            edit_run.restore()
         tables.append(table.assign(editor=editor, regularizer=regularizer, protocol=spec.protocol,
                                    batch_size=spec.batch_size, run_dir=str(out_dir)))
     return pd.concat(tables, ignore_index=True)

@@ -10,11 +10,16 @@ Protocols (named as in RECT's paper):
 
 At every checkpoint the runner writes, per edited layer, :func:`kelib.diagnostics.weight_diagnostics`
 of W (L1 norm, Frobenius norm, σmax, σmin, condition number) and of the cumulative update ΔW = W - W_0,
-plus the edit metrics of the edits so far and any extra evaluators' numbers. Rows go to a tidy table
-(``results.csv``: one row per checkpoint x scope x layer x metric) that is rewritten atomically with
-the edited layers' weights and the regularizer's state (``state.pt``), so an interrupted run resumes
-at its last checkpoint and loses nothing before it. A finished sequential run keeps the edited
-layers' final weights, as evaluated (``final_weights.pt``), for spectra and other post-mortems.
+plus the edit metrics of the edits so far and any extra evaluators' numbers, as a tidy table (one
+row per checkpoint x scope x layer x metric).
+
+With an ``out_dir`` the run is kept in a folder (:mod:`kelib.runstore`): at every checkpoint the
+table and everything the rest of the run depends on (edited weights, editor and regularizer state,
+the run's context templates, random-number states) are written atomically. An interrupted run
+resumes at its last checkpoint and produces the table the uninterrupted run would have, row for row;
+a folder written with other inputs (spec, hyperparameters, weights, cases, evaluators, editor code)
+is refused with a message saying what changed. A run starts from random-number states seeded with
+``spec.seed`` and gives the caller's states back when it ends.
 
 Only the edited layers' original weights are kept (not a model copy); :meth:`EditRun.restore` puts
 them back and checks that the restored weights are bit-identical.
@@ -28,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +45,11 @@ from tqdm.auto import tqdm
 from kelib.config import from_dict, to_dict
 from kelib.diagnostics import weight_diagnostics
 from kelib.editors.base import EditError, edited_parts, get_editor
-from kelib.io import atomic_path, stable_hash, write_json
-from kelib.metrics import counterfact_metrics, zsre_metrics
-from kelib.models import check_layer, get_weight, set_weight
+from kelib.editors.context import pinned_templates
+from kelib.examples import Sample, examples_of
+from kelib.metrics import counterfact_scores, zsre_metrics
+from kelib.models import check_layer, get_weight, set_weight, weights_fingerprint
+from kelib.runstore import COLUMNS, RunStore, code_identity, editor_module, rng_state, seeded_rng, set_rng_state
 
 Protocol = Literal["single", "batch", "sequential"]
 Evaluator = Callable[[object, object], dict]  # (model, tok) -> {metric: value}
@@ -56,7 +62,7 @@ class RunSpec:
     editor: str
     protocol: Protocol = "sequential"
     n_edits: int = 10
-    batch_size: int = 1  # cases per editor call
+    batch_size: int | None = None  # cases per editor call; None: n_edits for ``batch``, 1 otherwise
     regularizer: str = "none"
     regularizer_params: dict = field(default_factory=dict)
     checkpoints: list[int] = field(default_factory=list)  # edit counts to evaluate at; [] = the end only
@@ -66,6 +72,14 @@ class RunSpec:
     def __post_init__(self):
         if self.protocol not in ("single", "batch", "sequential"):
             raise ValueError(f"unknown protocol {self.protocol!r}; choose single, batch or sequential")
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", self.n_edits if self.protocol == "batch" else 1)
+        if self.protocol == "batch" and self.batch_size != self.n_edits:
+            raise ValueError(
+                f"protocol 'batch' edits all {self.n_edits} cases in one editor call, so batch_size must be "
+                f"n_edits ({self.n_edits}) or left out, got {self.batch_size}; for batches of {self.batch_size} "
+                "applied one after another use protocol 'sequential'"
+            )
         if self.n_edits < 1 or self.batch_size < 1:
             raise ValueError(f"n_edits and batch_size must be >= 1, got {self.n_edits}, {self.batch_size}")
         bad = [c for c in self.checkpoints if not 0 <= c <= self.n_edits]
@@ -78,12 +92,21 @@ class RunSpec:
 
 
 def edit_metrics(model, tok, cases: Sequence) -> dict[str, float]:
-    """The edit metrics matching the cases' dataset (ZsRE token accuracy, else CounterFact)."""
+    """The edit metrics matching the cases' dataset (ZsRE token accuracy, else CounterFact, whose
+    result also carries each case's scores: :class:`kelib.examples.Scores`)."""
     if not cases:
         return {}
     if all(c.dataset.startswith("zsre") for c in cases):
         return zsre_metrics(model, tok, cases)
-    return counterfact_metrics(model, tok, cases)
+    return counterfact_scores(model, tok, cases)
+
+
+def _concat(samples: Sequence[Sample]) -> Sample:
+    """One sample of the examples of several (the per-case scores of a run's independent units)."""
+    ids = None if any(s.ids is None for s in samples) else tuple(i for s in samples for i in s.ids)
+    weights = None if all(s.weights is None for s in samples) else [w for s in samples for w in s._w]
+    first = samples[0]
+    return Sample([v for s in samples for v in s.values], weights, ids, first.log, first.higher_is_better)
 
 
 def _spread(items: Sequence, at_most: int) -> list:
@@ -134,37 +157,53 @@ class EditRun:
         }
         self.evaluators = evaluators or {}
         self.progress = progress
-        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.editor_state: dict = {}
+        self.templates: dict = {}  # the run's context templates, sampled at its first edit (unedited model)
         self.rows: list[dict] = []
         self.done = 0
-        self.meta = {
+        self.identity = {
             "spec": to_dict(spec),
             "hparams": to_dict(self.hparams),
             "layers": self.layers,
+            "cases": [c.case_id for c in self.cases],
+            "evaluators": {name: getattr(fn, "key", name) for name, fn in self.evaluators.items()},
+            "weights": weights_fingerprint(model),
+            "code": code_identity(editor_module(self.editor), type(self.regularizer).__module__),
             **(meta or {}),
         }
+        self.store = RunStore(out_dir, self.identity)
         self.regularizer.start(model, self.originals, stats)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of everything the run's numbers depend on (its folder is refused to any other run)."""
+        return self.store.fingerprint
+
+    def keep_in(self, out_dir: str | Path) -> None:
+        """Keep the run in ``out_dir`` (e.g. a folder named after :attr:`fingerprint`)."""
+        self.store = RunStore(out_dir, self.identity)
 
     # -- public --------------------------------------------------------------------------------
 
     @property
     def table(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=["checkpoint", "scope", "layer", "metric", "value"])
+        return pd.DataFrame(self.rows, columns=COLUMNS)
 
     def run(self) -> pd.DataFrame:
         """Run the protocol, resuming a sequential run from ``out_dir`` when it was interrupted.
 
         A run that ``out_dir`` holds complete is not run again: its table is returned and the model
         is left as it is (unedited)."""
-        saved = self._saved_run()
+        saved = self.store.saved()
         if saved is not None and saved.get("complete"):
+            self.rows = self.store.rows()
             return self.table
         self.rows = []
-        if self.spec.protocol == "sequential":
-            self._sequential()
-        else:
-            self._independent()
+        with seeded_rng(self.spec.seed):
+            if self.spec.protocol == "sequential":
+                self._sequential()
+            else:
+                self._independent()
         return self.table
 
     def restore(self) -> None:
@@ -185,7 +224,7 @@ class EditRun:
     # -- protocols -------------------------------------------------------------------------------
 
     def _call_editor(self, batch: Sequence):
-        with self.regularizer.editing(self.model):
+        with self.regularizer.editing(self.model), pinned_templates(self.templates):
             result = self.editor.compute_update(
                 self.model, self.tok, batch, self.hparams, self.stats, state=self.editor_state
             )
@@ -214,7 +253,7 @@ class EditRun:
         units = [[c] for c in self.cases] if self.spec.protocol == "single" else [self.cases]
         bar = tqdm(total=len(self.cases), desc=f"{self.spec.editor} {self.spec.protocol}", unit="edit",
                    disable=not self.progress)
-        per_unit = []
+        per_unit, examples = [], {}
         try:
             for unit in units:
                 try:
@@ -226,7 +265,7 @@ class EditRun:
                         per_unit.append((len(unit), edit_metrics(self.model, self.tok, unit)))
                         if self.spec.protocol == "batch":
                             self._record_weights(len(self.cases))
-                            self._record_evaluators(len(self.cases))
+                            examples.update(self._record_evaluators(len(self.cases)))
                 finally:
                     self.restore()
                     self.regularizer.start(self.model, self.originals, self.stats)
@@ -237,7 +276,10 @@ class EditRun:
         for metric in per_unit[0][1]:
             value = sum(n * m[metric] for n, m in per_unit) / total
             self.rows.append(self._row(len(self.cases), "edits", None, metric, value))
-        self._save(final=True)
+        per_case = [examples_of(m) for _, m in per_unit]
+        examples["edits"] = {metric: _concat([e[metric] for e in per_case]) for metric in per_case[0]}
+        self.store.save(self.rows, self.done, complete=True, templates=self.templates,
+                        examples={len(self.cases): examples})
 
     def _sequential(self) -> None:
         self._resume()
@@ -276,10 +318,15 @@ class EditRun:
             stats = weight_diagnostics(get_weight(self.model, layer, part), w0)
             self.rows += [self._row(checkpoint, f"weights:{part}", layer, k, v) for k, v in stats.items()]
 
-    def _record_evaluators(self, checkpoint: int) -> None:
+    def _record_evaluators(self, checkpoint: int) -> dict[str, dict[str, Sample]]:
+        """Rows of every evaluator's means; returns the per-example scores they gave, by evaluator."""
+        examples = {}
         for name, evaluate in self.evaluators.items():
-            for metric, value in evaluate(self.model, self.tok).items():
+            result = evaluate(self.model, self.tok)
+            for metric, value in result.items():
                 self.rows.append(self._row(checkpoint, name, None, metric, value))
+            examples[name] = examples_of(result)
+        return examples
 
     def _checkpoint(self, n_done: int) -> None:
         final = n_done == self.spec.n_edits
@@ -287,23 +334,18 @@ class EditRun:
         scored = so_far if final else _spread(so_far, self.spec.max_eval_cases)
         with self.evaluation_view():
             self._record_weights(n_done)
-            for metric, value in edit_metrics(self.model, self.tok, scored).items():
+            scores = edit_metrics(self.model, self.tok, scored)
+            for metric, value in scores.items():
                 self.rows.append(self._row(n_done, "edits", None, metric, value))
-            self._record_evaluators(n_done)
-        self._save(final=final)
+            examples = {"edits": examples_of(scores), **self._record_evaluators(n_done)}
+        self._save(complete=final, examples={n_done: examples})
 
     # -- persistence -----------------------------------------------------------------------------
 
-    def _fingerprint(self) -> str:
-        return stable_hash({**self.meta, "cases": [c.case_id for c in self.cases]})
-
-    def _save(self, final: bool) -> None:
-        """Write state, then results, then ``run.json`` (the commit marker), each atomically."""
-        if self.out_dir is None:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        sequential = self.spec.protocol == "sequential"
-        if sequential and not final:
+    def _save(self, complete: bool, examples: dict | None = None) -> None:
+        """Checkpoint a sequential run: its table, and while unfinished everything its future needs."""
+        state = final_weights = None
+        if not complete:
             state = {
                 "done": self.done,
                 "weights": {layer: get_weight(self.model, layer).detach().cpu().clone() for layer in self.layers},
@@ -311,53 +353,34 @@ class EditRun:
                                   for site in self.other_originals},
                 "regularizer": self.regularizer.state_dict(),
                 "editor_state": self.editor_state,
+                "templates": self.templates,
+                "rng": rng_state(),
             }
-            with atomic_path(self.out_dir / "state.pt") as tmp:
-                torch.save(state, tmp)
-        if sequential and final:
-            with self.regularizer.evaluation_view(self.model), atomic_path(self.out_dir / "final_weights.pt") as tmp:
-                torch.save({layer: get_weight(self.model, layer).detach().cpu().clone() for layer in self.layers}, tmp)
-        with atomic_path(self.out_dir / "results.csv") as tmp:
-            self.table.to_csv(tmp, index=False)
-        write_json(self.out_dir / "run.json", {**self.meta, "fingerprint": self._fingerprint(),
-                                               "done": self.done, "complete": final})
-        if final and (self.out_dir / "state.pt").exists():
-            (self.out_dir / "state.pt").unlink()
-
-    def _saved_run(self) -> dict | None:
-        """``run.json`` of this same run in ``out_dir``, or None; a different run there is an error."""
-        if self.out_dir is None or not (self.out_dir / "run.json").exists():
-            return None
-        info = json.loads((self.out_dir / "run.json").read_text())
-        if info.get("fingerprint") != self._fingerprint():
-            raise ValueError(
-                f"{self.out_dir} holds a different run (spec, hyperparameters or cases changed); "
-                "choose another out_dir or delete it"
-            )
-        table = pd.read_csv(self.out_dir / "results.csv")
-        self.rows = [
-            {**r, "layer": None if pd.isna(r["layer"]) else int(r["layer"])} for r in table.to_dict("records")
-        ]
-        return info
+        else:
+            with self.regularizer.evaluation_view(self.model):
+                final_weights = {layer: get_weight(self.model, layer).detach().cpu().clone() for layer in self.layers}
+        self.store.save(self.rows, self.done, complete, state=state, final_weights=final_weights,
+                        templates=self.templates, examples=examples)
 
     def _resume(self) -> None:
-        """Load the state of an interrupted sequential run: weights, regularizer and editor state."""
-        info = self._saved_run()
-        if info is None or info.get("complete"):
+        """Continue an interrupted sequential run from its last checkpoint, exactly where it was."""
+        saved = self.store.saved()
+        if saved is None:
             return
-        if not (self.out_dir / "state.pt").exists():  # stopped before its first checkpoint
-            self.rows = []
+        state = self.store.state()
+        if state is None:  # stopped before its first checkpoint: start afresh
             return
-        state = torch.load(self.out_dir / "state.pt", weights_only=False)
         self.done = state["done"]
         # rows written after this state (a stop between the results and run.json) are recomputed
-        self.rows = [r for r in self.rows if r["checkpoint"] <= self.done]
+        self.rows = [r for r in self.store.rows() if r["checkpoint"] <= self.done]
         for layer, w in state["weights"].items():
             set_weight(self.model, layer, w)
-        for (part, layer), w in state.get("other_weights", {}).items():
+        for (part, layer), w in state["other_weights"].items():
             set_weight(self.model, layer, w, part)
         self.regularizer.load_state_dict(state["regularizer"])
         self.editor_state = state["editor_state"]
+        self.templates = state["templates"]
+        set_rng_state(state["rng"])
 
 
 def run_edits(model, tok, cases, spec: RunSpec | dict, hparams, stats=None, out_dir=None,

@@ -95,3 +95,37 @@ def test_bad_specs_are_errors(micro, rome):
         RunSpec("ROME", n_edits=3, checkpoints=[5])
     with pytest.raises(ValueError, match="only"):
         run_edits(model, tok, cases[:2], RunSpec("ROME", n_edits=3), rome, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be n_edits"):
+        RunSpec("MEMIT", "batch", n_edits=4, batch_size=1)  # would silently have run sequentially
+    assert RunSpec("MEMIT", "batch", n_edits=4).batch_size == 4
+    assert RunSpec("MEMIT", "sequential", n_edits=4).batch_size == 1
+
+
+def test_per_example_scores_are_kept_per_checkpoint(micro, micro_stats, untouched, tmp_path):
+    """The edit metrics of every scored case, and an evaluator's per-example scores, go to
+    ``examples/<checkpoint>.json`` beside the table; their means are the table's numbers."""
+    from kelib.examples import Sample, Scores, read_examples
+
+    model, tok, cases = micro
+    memit = load_hparams("MEMIT", "kelib-micro")
+
+    def evaluator(model, tok):
+        values = [float(i % 3 == 0) for i in range(9)]
+        return Scores({"thirds": sum(values) / 9}, {"thirds": Sample(values)})
+
+    spec = RunSpec("MEMIT", "sequential", n_edits=4, batch_size=2, checkpoints=[2])
+    table = run_edits(model, tok, cases, spec, memit, micro_stats, out_dir=tmp_path, progress=False,
+                      evaluators={"toy": evaluator})
+    for checkpoint, n_scored in [(2, 2), (4, 4)]:
+        found = read_examples(tmp_path, checkpoint)
+        efficacy = found["edits"]["efficacy_success"]
+        assert len(efficacy) == n_scored and efficacy.ids == tuple(c.case_id for c in cases[:n_scored])
+        row = table[(table.checkpoint == checkpoint) & (table.metric == "efficacy_success")].value.item()
+        assert efficacy.mean == pytest.approx(row)
+        assert found["toy"]["thirds"].mean == pytest.approx(1 / 3)
+
+    single = run_edits(model, tok, cases, RunSpec("ROME", "single", n_edits=3), load_hparams("ROME", "kelib-micro"),
+                       micro_stats, out_dir=tmp_path / "single", progress=False)
+    per_case = read_examples(tmp_path / "single", 3)["edits"]["efficacy_success"]
+    assert per_case.ids == tuple(c.case_id for c in cases[:3])  # the units' cases, concatenated in order
+    assert per_case.mean == pytest.approx(single[single.metric == "efficacy_success"].value.item())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Literal, Sequence
@@ -86,8 +87,18 @@ EDITORS: dict[str, Editor] = {}
 
 
 def register(name: str, hparams_class: type, batchable: bool, view: Callable | None = None):
+    """Register ``compute_update`` under ``name``; each call runs with its context templates pinned
+    (:func:`kelib.editors.context.pinned_templates`), to the run's store when the runner gave one."""
+
     def wrap(fn):
-        EDITORS[name] = Editor(name, hparams_class, fn, batchable, view or _no_view)
+        @functools.wraps(fn)
+        def compute_update(*args, **kwargs) -> EditResult:
+            from kelib.editors.context import pinned_templates
+
+            with pinned_templates():
+                return fn(*args, **kwargs)
+
+        EDITORS[name] = Editor(name, hparams_class, compute_update, batchable, view or _no_view)
         return fn
 
     return wrap

@@ -7,18 +7,63 @@ the same templates, hence the same edit. A template is a string with ``{}`` wher
 The *lookup position* is where a fact is read and written: the subject's last token (ROME/MEMIT's
 ``subject_last``, right for GPT-2 XL and friends per causal tracing) or the prompt's last token
 (``prompt_last``, where a small model trained from scratch may look facts up instead).
+
+Templates are a function of the weights they were sampled from. A sequential run samples them once,
+from the unedited model, and keeps them for all its edits: the runner pins them with
+:func:`pinned_templates` and saves them with every checkpoint, so a run resumed in a new process
+reuses them instead of sampling new ones from the edited weights. Outside a pin, templates are
+cached per process by a fingerprint of the model's weights (never by ``id(model)``, which Python
+reuses for a new model once the old one is freed).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import contextlib
+import contextvars
+from typing import Callable, Iterator
+
 import torch
 
-from kelib.models import device_of, keys_and_values
+from kelib.models import device_of, keys_and_values, weights_fingerprint
 from kelib.tokens import encode, pad_batch, subject_last_index
 
 _TEMPLATE_CACHE: dict[tuple, list[str]] = {}
+_PINNED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kelib_pinned_templates", default=None)
+
+
+@contextlib.contextmanager
+def pinned_templates(store: dict | None = None) -> Iterator[dict]:
+    """Within this block, templates are read from (and first put into) ``store``.
+
+    ``store`` maps a key (``"rome|<length params, seed>"``) to its template list. The runner keeps one
+    store per run and saves it; every registered editor call pins a store of its own when none is
+    pinned (``store=None`` keeps an enclosing one), so all layers of one MEMIT call see the same
+    templates even though the call edits the weights between layers."""
+    if store is None and _PINNED.get() is not None:
+        yield _PINNED.get()
+        return
+    token = _PINNED.set({} if store is None else store)
+    try:
+        yield _PINNED.get()
+    finally:
+        _PINNED.reset(token)
+
+
+def _templates(kind: str, params, model, sample: Callable[[], list[str]]) -> list[str]:
+    """The templates of ``kind`` with ``params``: pinned ones, else those sampled from these exact
+    weights earlier in this process, else newly sampled (and pinned, if a store is)."""
+    store = _PINNED.get()
+    key = f"{kind}|{params!r}"
+    if store is not None and key in store:
+        return store[key]
+    cache_key = (key, weights_fingerprint(model))
+    if cache_key not in _TEMPLATE_CACHE:
+        _TEMPLATE_CACHE[cache_key] = list(sample())
+    if store is not None:
+        store[key] = _TEMPLATE_CACHE[cache_key]
+    return _TEMPLATE_CACHE[cache_key]
 
 
 @torch.no_grad()
@@ -49,22 +94,25 @@ def generated_texts(model, tok, starts: Sequence[str], length: int, count: int, 
 def rome_templates(model, tok, length_params: Sequence[Sequence[int]], seed: int) -> list[str]:
     """ROME's ``["{}"] + [text + ". {}"]``: for each ``(length, count)``, ``count`` texts generated
     from the beginning-of-text token."""
-    key = ("rome", id(model), tuple(map(tuple, length_params)), seed)
-    if key not in _TEMPLATE_CACHE:
+    lengths = [list(map(int, p)) for p in length_params]
+
+    def sample() -> list[str]:
         texts = []
-        for i, (length, count) in enumerate(length_params):
+        for i, (length, count) in enumerate(lengths):
             texts += generated_texts(model, tok, [""], length, count, seed + i)
-        _TEMPLATE_CACHE[key] = ["{}"] + [t + ". {}" for t in texts]
-    return _TEMPLATE_CACHE[key]
+        return ["{}"] + [t + ". {}" for t in texts]
+
+    return _templates("rome", (lengths, seed), model, sample)
 
 
 def memit_templates(model, tok, starts: Sequence[str], length: int, seed: int) -> list[list[str]]:
     """MEMIT's two groups: ``[["{}"], [one text from each start word + ". {}"]]``."""
-    key = ("memit", id(model), tuple(starts), length, seed)
-    if key not in _TEMPLATE_CACHE:
-        texts = generated_texts(model, tok, starts, length, 1, seed)
-        _TEMPLATE_CACHE[key] = [t + ". {}" for t in texts]
-    return [["{}"], _TEMPLATE_CACHE[key]]
+    starts = list(starts)
+
+    def sample() -> list[str]:
+        return [t + ". {}" for t in generated_texts(model, tok, starts, length, 1, seed)]
+
+    return [["{}"], _templates("memit", (starts, int(length), seed), model, sample)]
 
 
 def lookup_index(tok, prefix: str, prompt: str, subject: str, fact_token: str) -> int:
