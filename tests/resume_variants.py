@@ -11,14 +11,14 @@ import pandas as pd
 
 # name: (editor, regularizer, regularizer params, n_edits, batch_size, checkpoints, kill after)
 VARIANTS = {
-    "ROME": ("ROME", "none", {}, 6, 1, [2, 4], 2),
-    "MEMIT": ("MEMIT", "none", {}, 8, 2, [2, 4, 6], 4),
-    "AlphaEdit": ("AlphaEdit", "none", {}, 6, 2, [2, 4], 2),
-    "MEND": ("MEND", "none", {}, 6, 2, [2, 4], 2),
-    "GRACE": ("GRACE", "none", {}, 6, 1, [2, 4], 2),
-    "MEMIT+D4S": ("MEMIT", "D4S", {}, 6, 2, [2, 4], 2),
-    "MEMIT+PRUNE": ("MEMIT", "PRUNE", {"mode": "per_step"}, 6, 2, [2, 4], 2),
-    "ROME+RECT": ("ROME", "RECT", {"k": 0.2}, 6, 1, [2, 4], 4),
+    "ROME": ("ROME", "none", {}, 4, 1, [2], 2),
+    "MEMIT": ("MEMIT", "none", {}, 6, 2, [2, 4], 4),
+    "AlphaEdit": ("AlphaEdit", "none", {}, 4, 2, [2], 2),
+    "MEND": ("MEND", "none", {}, 4, 2, [2], 2),
+    "GRACE": ("GRACE", "none", {}, 4, 1, [2], 2),
+    "MEMIT+D4S": ("MEMIT", "D4S", {}, 4, 2, [2], 2),
+    "MEMIT+PRUNE": ("MEMIT", "PRUNE", {"mode": "per_step"}, 4, 2, [2], 2),
+    "ROME+RECT": ("ROME", "RECT", {"k": 0.2}, 4, 1, [2], 2),
 }
 
 
@@ -39,6 +39,6 @@ def run_variant(name: str, out_dir) -> pd.DataFrame:
     stats = statistics_for(model, tok, hparams, progress=False)
     spec = RunSpec(editor, "sequential", n_edits=n_edits, batch_size=batch_size, regularizer=regularizer,
                    regularizer_params=params, checkpoints=checkpoints)
-    evaluators = {"abilities": abilities_evaluator("micro", n_facts=20, n_skill=8)}
+    evaluators = {"abilities": abilities_evaluator("micro", n_facts=20, n_skill=8, n_text=4)}
     return run_edits(model, tok, world_cases("micro"), spec, hparams, stats, out_dir=out_dir,
                      evaluators=evaluators, progress=False)
