@@ -110,13 +110,17 @@ def old_path():
     """The editors' reference path and the edit metrics before issue #14."""
     import kelib.runner
 
-    saved = kelib.runner.counterfact_metrics
+    # the runner has called the CounterFact metrics under either name (a plain dict is a valid result)
+    names = [n for n in ("counterfact_metrics", "counterfact_scores") if hasattr(kelib.runner, n)]
+    saved = {name: getattr(kelib.runner, name) for name in names}
     try:
-        kelib.runner.counterfact_metrics = _old_counterfact_metrics
+        for name in names:
+            setattr(kelib.runner, name, _old_counterfact_metrics)
         with reference_path():
             yield
     finally:
-        kelib.runner.counterfact_metrics = saved
+        for name, fn in saved.items():
+            setattr(kelib.runner, name, fn)
 
 
 # ---------------------------------------------------------------------------------------------
