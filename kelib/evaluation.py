@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import pandas as pd
-import torch
 
 from kelib.io import read_json, stable_hash, write_json
 from kelib.models import weights_fingerprint  # noqa: F401  (a cache key here, defined beside the weights)

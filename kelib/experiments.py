@@ -21,7 +21,7 @@ import torch
 from kelib.editors import load_hparams
 from kelib.models import EMBEDDED_MODELS
 from kelib.paths import cache_dir
-from kelib.runner import RunSpec, run_edits
+from kelib.runner import RunSpec
 from kelib.stats import statistics_for
 
 

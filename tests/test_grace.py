@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from kelib.editors import get_editor, load_hparams
+from kelib.editors import load_hparams
 from kelib.editors.context import keys_at
 from kelib.editors.grace import adaptor, add_edit, lookup, place, view
 from kelib.metrics import score_targets
-from kelib.models import capture, edited_module
+from kelib.models import capture
 from kelib.runner import EditRun, RunSpec
 from kelib.tokens import encode
 

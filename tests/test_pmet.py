@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from kelib.editors import get_editor, load_hparams
 from kelib.models import get_weight

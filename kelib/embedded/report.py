@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from kelib.embedded.skills import SkillExample
-from kelib.metrics import recall, score_targets
+from kelib.metrics import score_targets
 from kelib.models import device_of
 from kelib.tokens import pad_batch
 
