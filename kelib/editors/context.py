@@ -18,11 +18,9 @@ reuses for a new model once the old one is freed).
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import contextlib
 import contextvars
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
