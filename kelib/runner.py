@@ -104,7 +104,9 @@ def edit_metrics(model, tok, cases: Sequence) -> dict[str, float]:
 def _concat(samples: Sequence[Sample]) -> Sample:
     """One sample of the examples of several (the per-case scores of a run's independent units)."""
     ids = None if any(s.ids is None for s in samples) else tuple(i for s in samples for i in s.ids)
-    weights = None if all(s.weights is None for s in samples) else [w for s in samples for w in s._w]
+    weights = None if all(s.weights is None for s in samples) else [
+        w for s in samples for w in (s.weights if s.weights is not None else [1.0] * len(s))
+    ]
     first = samples[0]
     return Sample([v for s in samples for v in s.values], weights, ids, first.log, first.higher_is_better)
 
