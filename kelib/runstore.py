@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 
 from kelib.examples import write_examples
+from kelib.io import _jsonable as to_jsonable
 from kelib.io import atomic_path, read_json, sha256_file, stable_hash, write_json
 
 # Bumped when what a run folder holds, or what a run's numbers depend on, changes in a way the
@@ -93,10 +94,6 @@ def _short(value: Any, at_most: int = 60) -> str:
     return text if len(text) <= at_most else text[: at_most - 3] + "..."
 
 
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
 # -- random-number state ----------------------------------------------------------------------
 
 
@@ -138,7 +135,8 @@ class RunStore:
 
     def __init__(self, out_dir: str | Path | None, identity: dict):
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.identity = _jsonable({"format": RUN_FORMAT, **identity})
+        # through JSON once, so the identity compares equal to the one read back from run.json
+        self.identity = json.loads(json.dumps({"format": RUN_FORMAT, **identity}, sort_keys=True, default=to_jsonable))
         self.fingerprint = stable_hash(self.identity)
 
     def saved(self) -> dict | None:
