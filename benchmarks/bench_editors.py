@@ -1,6 +1,7 @@
 """Editors on the embedded default: do single edits land, how fast, and what do sequential edits do?
 
     python benchmarks/bench_editors.py                       # single + batch editing, 50 cases, every editor
+    python benchmarks/bench_editors.py --n 200 --leaky-c0    # the same with C0 as before issue #13 (the leak)
     python benchmarks/bench_editors.py --sequential 500      # plus 500 sequential ROME edits (minutes)
     python benchmarks/bench_editors.py --gpt2-xl-shape --device cuda   # timing on a GPT-2 XL-sized model
     python benchmarks/bench_editors.py --speed                     # seconds per edit, new vs old path
@@ -15,6 +16,10 @@ optimisation, the rest of the update, weight diagnostics and evaluation (``--lon
 runs on the old path). Runs on ``--threads`` threads (2 by default, the reference machine; on a
 machine shared with other jobs, 2 threads on 2 cores oversubscribe and time mostly waiting: use 1).
 ``benchmarks/gpu_editing_speed.py`` times a GPT-2 XL-shaped model on a GPU.
+
+Edits the eval split's cases (``--split tune`` for the tune split; hyperparameters are chosen there,
+with ``tune_embedded.py``). ``--leaky-c0`` rebuilds C0 the way it was before issue #13, from the
+prompts of every fact including the evaluated ones, to keep the leak's effect on record.
 
 Prints the share of an edit's u·k that reaches a same-template neighbour (with C0 from text alone
 and with the lookup keys mixed in); per editor: single-edit efficacy / paraphrase / neighbourhood specificity (CounterFact
@@ -138,6 +143,37 @@ def gpt2_xl_shape(device: str) -> None:
         print(f"  {editor}: {(time.perf_counter() - start) / 5:.2f} s per edit (edit + metrics + restore)")
 
 
+def leaky_c0() -> None:
+    """C0 as it was before issue #13, for the record of what the leak did: C_lookup from the prompts of
+    *every* fact the model learned (eval cases, their neighbours and the unedited facts included) and
+    C_text from every fact statement. Cached under its own corpus names, never mixed with the split C0."""
+    import random
+
+    import kelib.stats as stats
+    from kelib.embedded.store import recipe_of, world_of
+    from kelib.embedded.train import split_paragraphs
+    from kelib.embedded.world import trained_prompts, training_statements
+
+    def every_prompt(model):
+        world = stats._embedded(model, "embedded_prompts", world_of)
+        for fact in world.facts:
+            yield from trained_prompts(fact, world.relations[fact.relation_id])
+
+    def every_statement(model):
+        def read(path):
+            world = world_of(path)
+            statements = [s for f in world.facts for s in training_statements(f, world.relations[f.relation_id])]
+            return statements + split_paragraphs(recipe_of(path))[0]
+
+        texts = stats._embedded(model, "embedded_world", read)
+        random.Random(0).shuffle(texts)
+        yield from texts
+
+    stats._embedded_prompts, stats._embedded_world_texts = every_prompt, every_statement
+    for corpus in ("embedded_prompts", "embedded_world"):
+        stats.CORPUS_VERSIONS[corpus] += "-leaky-all-splits"
+
+
 def speed(model, tok, cases, args) -> None:
     import editing_speed
 
@@ -169,6 +205,10 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=0, metavar="N", help="with --speed: N sequential edits of "
                         "ROME, MEMIT, MEMIT + D4S with phase shares")
     parser.add_argument("--long-old", action="store_true", help="with --long: the same runs on the old path")
+    parser.add_argument("--split", choices=("eval", "tune"), default="eval", help="the world's cases to edit: "
+                        "eval (published figures) or tune (choosing hyperparameters)")
+    parser.add_argument("--leaky-c0", action="store_true", help="C0 from every fact's prompts, as before issue "
+                        "#13 (for the record of the leak; never for published figures)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpt2-xl-shape", action="store_true")
     parser.add_argument("--device", default="cpu")
@@ -181,8 +221,11 @@ def main() -> None:
         return
     from editing_speed import load, machine
 
-    model, tok, cases = load(MODEL, args.device)
-    print(f"{MODEL} on {args.device}: {machine(args.device)}")
+    model, tok, cases = load(MODEL, args.device, args.split)
+    if args.leaky_c0:
+        leaky_c0()
+    print(f"{MODEL} on {args.device}: {machine(args.device)}; {args.split} cases"
+          f"{'; LEAKY C0 (every fact, as before issue #13)' if args.leaky_c0 else ''}")
     if args.speed:
         speed(model, tok, cases, args)
         return

@@ -290,13 +290,14 @@ def long_runs(model, tok, cases, model_name: str, n: int = 1000, checkpoints=(10
     return found
 
 
-def load(model_name: str, device: str):
-    """Model, tokenizer and edit cases of an embedded model."""
-    from kelib.embedded import world_cases
+def load(model_name: str, device: str, split: str = "eval"):
+    """Model, tokenizer and the edit cases of one split (eval or tune) of an embedded model."""
+    from kelib.embedded import tune_cases, world_cases
     from kelib.models import load_model
 
     model, tok = load_model(model_name, device=device)
-    return model, tok, world_cases(model_name.removeprefix("kelib-"))
+    cases = (world_cases if split == "eval" else tune_cases)(model_name.removeprefix("kelib-"))
+    return model, tok, cases
 
 
 if __name__ == "__main__":

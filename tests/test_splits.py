@@ -218,3 +218,42 @@ def test_recall_unedited_reads_unedited_facts_only(micro, stored, monkeypatch):
     assert result["recall_unedited"] == pytest.approx(sum(recalled) / 30)
     others = set().union(*(owned(stored, s)["prompts"] for s in ("eval", "tune", "stats")))
     assert not set(seen[0][0]) & others
+
+
+def test_hyperparameter_tuning_reads_tune_cases_only(micro_dir, stored, monkeypatch):
+    import sys
+
+    from kelib.embedded import build
+    from kelib.paths import REPO_DIR
+
+    sys.path.insert(0, str(REPO_DIR / "benchmarks"))
+    import tune_embedded
+
+    cases = tune_embedded.tuning_cases("kelib-micro")
+    assert cases == list(stored.cases["tune"])
+    eval_ids = {c.case_id for c in stored.cases["eval"]}
+    assert not {c.case_id for c in cases} & eval_ids
+    # a world whose tune split held an eval case would be refused, not tuned on
+    monkeypatch.setattr(build, "tune_cases", lambda name: [*stored.cases["tune"][:3], stored.cases["eval"][0]])
+    with pytest.raises(RuntimeError, match="are eval cases"):
+        tune_embedded.tuning_cases("kelib-micro", 10)
+
+
+def test_tuning_keeps_the_file_within_a_tie_and_moves_past_it():
+    import sys
+
+    from kelib.paths import REPO_DIR
+
+    sys.path.insert(0, str(REPO_DIR / "benchmarks"))
+    import tune_embedded
+
+    def row(override, eff, par, spec):
+        scores = {"efficacy_success": eff, "paraphrase_success": par, "neighborhood_success": spec}
+        return override, {**scores, "score": tune_embedded.harmonic_mean(list(scores.values()))}, 0.1
+
+    assert tune_embedded.harmonic_mean([1.0, 0.5, 0.5]) == pytest.approx(0.6)
+    assert tune_embedded.harmonic_mean([1.0, 0.0, 1.0]) == 0.0
+    file_row = row({}, 0.98, 0.90, 0.71)
+    assert tune_embedded.choose([file_row, row({"eps": 2.0}, 0.98, 0.90, 0.715)]) == {}  # +0.003: a tie
+    assert tune_embedded.choose([file_row, row({"eps": 2.0}, 0.98, 0.90, 0.80)]) == {"eps": 2.0}
+    assert tune_embedded.choose([file_row, row({"eps": 0.5}, 0.50, 0.90, 0.99)]) == {}
