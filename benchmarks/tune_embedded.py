@@ -32,7 +32,7 @@ from kelib.stats import statistics_for  # noqa: E402
 
 # Settings tried besides the file's own, one knob at a time (two for ROME/MEMIT, whose C0 mix was also a
 # choice; KN's erase and add scales move together, keeping Dai et al.'s 1:8 ratio). A grid whose best value
-# sat on its edge was extended, at most twice (PMET, GRACE, FT); where it still sat there, the yaml says so.
+# sat on its edge was extended, at most twice (PMET, GRACE, FT, KN); where it still sat there, the yaml says so.
 def _one_knob(**grid) -> list[dict]:
     return [{key: v} for key, values in grid.items() for v in values]
 
@@ -42,7 +42,7 @@ GRIDS: dict[str, list[dict]] = {
     "MEMIT": _one_knob(mom2_update_weight=[10, 50, 200], mom2_lookup_share=[0.9, 0.97, 0.99]),
     "AlphaEdit": _one_knob(nullspace_threshold=[0.02, 0.05, 0.1]),
     "PMET": _one_knob(mom2_update_weight=[10, 50, 200, 1000, 5000]),
-    "KN": [{"erase_scale": s / 8, "add_scale": s} for s in (0.5, 1.0, 2.0)],
+    "KN": [{"erase_scale": s / 8, "add_scale": s} for s in (0.25, 0.5, 1.0, 2.0)],
     "GRACE": _one_knob(eps=[0.5, 1.0, 2.0, 4.0, 8.0]),
     "FT": _one_knob(norm_constraint=[0.002, 0.005, 0.01, 0.02, 0.04]),
     "MEND": [],  # trained on the tune split itself (kelib/editors/mend_train.py): nothing to sweep here
