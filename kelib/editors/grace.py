@@ -10,7 +10,9 @@ Adding an edit with key k and label y (GRACE §3, EasyEdit's ``coverage`` expans
 nearest entry and d = ||k − k_i||:
 
 - d > ε_i + ε_init: a new entry (k, v, ε_init);
-- d <= ε_i + ε_init and y = y_i: the entry expands, ε_i ← max(ε_i, d), and its value is retrained;
+- d <= ε_i + ε_init and y = y_i: the entry expands, ε_i ← max(ε_i, d), and its value is retrained
+  (d with a relative margin of 1e-4: the key read again inside a longer forward differs from the one
+  placed by float rounding, and a key exactly on the boundary could fall outside);
 - d <= ε_i + ε_init and y != y_i: split, a new entry, and both radii become d / 2 (a key that
   coincides with the entry's, the same prompt edited again, relabels the entry instead).
 
@@ -34,7 +36,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from kelib.editors.base import EditResult, check_cases, register
+from kelib.editors.base import EditError, EditResult, check_cases, register
 from kelib.editors.context import keys_at
 from kelib.models import check_layer, device_of, edited_module, output_hidden, weight_shape
 from kelib.tokens import pad_batch, with_target
@@ -164,7 +166,7 @@ def place(codebook: dict, key: torch.Tensor, value: torch.Tensor, label: str, ep
     if d > float(codebook["epsilons"][i]) + eps:
         return _append(codebook, key, value, eps, label)
     if codebook["labels"][i] == label:
-        codebook["epsilons"][i] = max(float(codebook["epsilons"][i]), d)
+        codebook["epsilons"][i] = max(float(codebook["epsilons"][i]), d * (1 + BOUNDARY_MARGIN))
         return i
     if d <= 1e-6 * float(key.norm()):
         codebook["labels"][i] = label
@@ -172,6 +174,9 @@ def place(codebook: dict, key: torch.Tensor, value: torch.Tensor, label: str, ep
     slot = _append(codebook, key, value, d / 2, label)
     codebook["epsilons"][i] = d / 2 - 1e-5  # the old entry yields the boundary
     return slot
+
+
+BOUNDARY_MARGIN = 1e-4
 
 
 def _append(codebook: dict, key, value, eps: float, label: str) -> int:
@@ -198,6 +203,9 @@ def train_value(model, tok, case, layer: int, codebook: dict, slot: int, hparams
         loss_value = loss.item()
         if loss_value < hparams.early_stop_loss:
             break
+        if not loss.requires_grad:  # place() guarantees the ball holds the key; this would be a bug, said plainly
+            raise EditError(f"GRACE: the key of {case.prompt!r} at layer {layer} falls outside its codebook entry "
+                            f"{slot} (radius {float(codebook['epsilons'][slot]):.4g}); its value cannot be trained")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
