@@ -27,8 +27,8 @@ ability_tasks: list = []  # lm-eval tasks or groups, e.g. prune; empty: the embe
 ability_limit: int = 100  # examples per lm-eval task
 device: str = "cpu"  # cuda for real models
 dtype: str = "float32"  # float16 or bfloat16 halves the memory of 7B models
-n_edits: int = 100  # sequential edits per run
-checkpoints: list = [10, 25, 50, 75]  # intermediate evaluations
+n_edits: int = 1000  # sequential edits per run
+checkpoints: list = [100, 250, 500, 750]  # intermediate evaluations
 prune_alpha: str = "e"  # log base of PRUNE's F: e, 2, 1.5, 1.2 or linear
 runs: list = [
     {"editor": "ROME", "batch_size": 1},

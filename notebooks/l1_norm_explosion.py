@@ -31,8 +31,8 @@ ability_tasks: list = []  # lm-eval tasks or groups, e.g. d4s; empty: the embedd
 ability_limit: int = 100  # examples per lm-eval task
 device: str = "cpu"  # cuda for real models
 dtype: str = "float32"  # float16 or bfloat16 halves the memory of 7B models
-n_edits: int = 100  # sequential edits per run
-checkpoints: list = [10, 25, 50, 75]  # intermediate evaluations
+n_edits: int = 1000  # sequential edits per run
+checkpoints: list = [100, 250, 500, 750]  # intermediate evaluations
 runs: list = [  # D4S's baselines (ROME, MEMIT, PMET, GRACE, FT) and D4S itself
     {"editor": "ROME", "batch_size": 1},
     {"editor": "MEMIT", "batch_size": 1},
