@@ -22,12 +22,16 @@ def default():
     return model, tok, world_cases("default")
 
 
-# Known shortfalls of the current default model (strict: a fix makes these tests fail until the
-# mark is removed). None since C0 mixes in the keys at the lookup position (mom2_lookup_share): before,
-# a neighbour with the same template shared ~30% of the edit key (u·k_nb / u·k) and ROME's
-# specificity was 0.70. On these 100 cases ROME scores 0.98 / 0.74 / 0.90 and MEMIT 1.00 / 0.70 / 0.95.
-SHORTFALL: dict[tuple[str, str], str] = {}
-N_CASES = 100  # the first 100 world cases (benchmarks/bench_editors.py --n 100 prints the same run)
+# Known shortfalls of the current default model (strict: a fix makes these tests fail until the mark is
+# removed). The specificity bar was met only while C0 held the keys of every trained prompt, the probed
+# neighbours' included (issue #13). With C0 from the stats split alone, on these 100 eval cases
+# (benchmarks/bench_editors.py --n 100 prints the same run), ROME scores 0.99 / 0.90 / 0.76 and MEMIT
+# 1.00 / 0.83 / 0.83 (efficacy / paraphrase / specificity); with the leaky C0 and the same settings,
+# ROME 0.98 / 0.81 / 0.92 and MEMIT 1.00 / 0.73 / 0.95. The bar stays; the figures are recorded.
+_LEAK = "specificity on eval cases once their neighbours' keys left C0 (issue #13): ROME 0.76, MEMIT 0.83"
+SHORTFALL: dict[tuple[str, str], str] = {("ROME", "neighborhood_success"): _LEAK,
+                                         ("MEMIT", "neighborhood_success"): _LEAK}
+N_CASES = 100  # the first 100 eval cases (benchmarks/bench_editors.py --n 100 prints the same run)
 TARGETS = {"efficacy_success": 0.95, "paraphrase_success": 0.70, "neighborhood_success": 0.90}
 
 
