@@ -18,10 +18,13 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from kelib.config import ConfigError
 from kelib.editors import load_hparams
-from kelib.models import EMBEDDED_MODELS
+from kelib.editors.base import EditError
+from kelib.models import EMBEDDED_MODELS, ModelError
 from kelib.paths import cache_dir
 from kelib.runner import RunSpec
+from kelib.runstore import COLUMNS
 from kelib.stats import statistics_for
 
 
@@ -123,44 +126,94 @@ def run_grid(
     ``regularizer_params``, ``protocol``, ``batch_size``) on ``n_edits`` cases, cached and resumable.
 
     Returns the runs' tidy tables stacked, with the run's settings as extra columns.
-    """
-    from kelib.runner import EditRun
 
+    A run that cannot run on this model (an :class:`~kelib.editors.base.EditError`,
+    :class:`~kelib.config.ConfigError` or :class:`~kelib.models.ModelError`: MEND not trained for it,
+    no hyperparameters for it, an update that is not finite) is reported, not fatal: its reason is
+    printed, listed by :func:`not_run` (``grid.attrs["not_run"]``) and added to
+    ``setup.description``, which every figure's caption shows; it has no rows, and the other runs
+    go on. Any other error stops the grid.
+    """
     cases = setup.cases[first_case : first_case + n_edits]
-    tables = []
+    tables, skipped = [], []
     for run in runs:
         editor = run["editor"]
-        hparams = load_hparams(editor, setup.model_name, (hparams_overrides or {}).get(editor))
         regularizer = run.get("regularizer", "none")
-        params = dict(run.get("regularizer_params") or {})
-        if regularizer == "D4S":  # D4S solves MEMIT's system: same λ as the editor
-            params.setdefault("mom2_update_weight", hparams.mom2_update_weight)
-        protocol = run.get("protocol", "sequential")
-        spec = RunSpec(
-            editor=editor,
-            protocol=protocol,
-            n_edits=n_edits,
-            batch_size=run.get("batch_size"),
-            regularizer=regularizer,
-            regularizer_params=params,
-            checkpoints=sorted(set(checkpoints) | {0}) if protocol == "sequential" else [],
-            max_eval_cases=max_eval_cases,
-        )
-        stats = statistics_for(setup.model, setup.tok, hparams, progress=progress)
-        edit_run = EditRun(setup.model, setup.tok, cases, spec, hparams, stats, evaluators=setup.evaluators,
-                           progress=progress, meta={"model": setup.model_name})
-        # the folder is named by everything the run depends on (weights, spec, hyperparameters, cases,
-        # evaluators, editor code): a changed input gets a new run, never a mixed one
-        label = f"{editor}-{regularizer}-{spec.protocol}-b{spec.batch_size}-n{n_edits}-{edit_run.fingerprint[:12]}"
-        out_dir = cache_dir("runs", setup.model_name.replace("/", "_")) / label
-        edit_run.keep_in(out_dir)
         try:
-            table = edit_run.run()
-        finally:
-            edit_run.restore()
-        tables.append(table.assign(editor=editor, regularizer=regularizer, protocol=spec.protocol,
-                                   batch_size=spec.batch_size, run_dir=str(out_dir)))
-    return pd.concat(tables, ignore_index=True)
+            tables.append(_run_one(setup, run, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases,
+                                   progress))
+        except NOT_RUN_ERRORS as err:
+            protocol = run.get("protocol", "sequential")
+            reason = " ".join(str(err).split())
+            skipped.append({"editor": editor, "regularizer": regularizer, "protocol": protocol,
+                            "batch_size": run.get("batch_size"), "reason": reason})
+            print(f"{_setting(editor, regularizer)} not run: {reason}")
+    grid = (pd.concat(tables, ignore_index=True) if tables
+            else pd.DataFrame(columns=[*COLUMNS, "editor", "regularizer", "protocol", "batch_size", "run_dir"]))
+    grid.attrs["not_run"] = skipped
+    if skipped:
+        setup.description["not run"] = "; ".join(
+            f"{_setting(s['editor'], s['regularizer'])} ({_short(s['reason'])})" for s in skipped)
+    return grid
+
+
+# Errors that mean "this run cannot run on this model", as opposed to a bug (see :func:`run_grid`).
+NOT_RUN_ERRORS = (EditError, ConfigError, ModelError)
+
+
+def not_run(grid: pd.DataFrame) -> pd.DataFrame:
+    """The runs of ``grid`` that :func:`run_grid` could not run: editor, regularizer, protocol,
+    batch_size and the reason (empty when every run ran)."""
+    return pd.DataFrame(grid.attrs.get("not_run", []),
+                        columns=["editor", "regularizer", "protocol", "batch_size", "reason"])
+
+
+def _setting(editor: str, regularizer: str) -> str:
+    return editor if regularizer == "none" else f"{editor} + {regularizer}"
+
+
+def _short(reason: str, at_most: int = 120) -> str:
+    """The first sentence of a reason, cut to ``at_most`` characters (a caption has little room)."""
+    first = reason.split(". ")[0]
+    return first if len(first) <= at_most else first[: at_most - 1] + "…"
+
+
+def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases,
+             progress) -> pd.DataFrame:
+    """One run of :func:`run_grid`: its table with the run's settings added."""
+    from kelib.runner import EditRun
+
+    editor = run["editor"]
+    hparams = load_hparams(editor, setup.model_name, (hparams_overrides or {}).get(editor))
+    regularizer = run.get("regularizer", "none")
+    params = dict(run.get("regularizer_params") or {})
+    if regularizer == "D4S":  # D4S solves MEMIT's system: same λ as the editor
+        params.setdefault("mom2_update_weight", hparams.mom2_update_weight)
+    protocol = run.get("protocol", "sequential")
+    spec = RunSpec(
+        editor=editor,
+        protocol=protocol,
+        n_edits=n_edits,
+        batch_size=run.get("batch_size"),
+        regularizer=regularizer,
+        regularizer_params=params,
+        checkpoints=sorted(set(checkpoints) | {0}) if protocol == "sequential" else [],
+        max_eval_cases=max_eval_cases,
+    )
+    stats = statistics_for(setup.model, setup.tok, hparams, progress=progress)
+    edit_run = EditRun(setup.model, setup.tok, cases, spec, hparams, stats, evaluators=setup.evaluators,
+                       progress=progress, meta={"model": setup.model_name})
+    # the folder is named by everything the run depends on (weights, spec, hyperparameters, cases,
+    # evaluators, editor code): a changed input gets a new run, never a mixed one
+    label = f"{editor}-{regularizer}-{spec.protocol}-b{spec.batch_size}-n{n_edits}-{edit_run.fingerprint[:12]}"
+    out_dir = cache_dir("runs", setup.model_name.replace("/", "_")) / label
+    edit_run.keep_in(out_dir)
+    try:
+        table = edit_run.run()
+    finally:
+        edit_run.restore()
+    return table.assign(editor=editor, regularizer=regularizer, protocol=spec.protocol,
+                        batch_size=spec.batch_size, run_dir=str(out_dir))
 
 
 def supports(editor: str, regularizer: str) -> bool:

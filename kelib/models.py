@@ -230,6 +230,100 @@ def weight_shape(model, layer: int, part: str = "mlp_out") -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Edited matrices in float32 inside a half-precision model
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_FLOAT32_MARK = "_kelib_float32"  # on an upcast module: (its dtype before, the hooks' handles)
+
+
+def keep_in_float32(model, sites: Sequence[tuple[int, str]]) -> int:
+    """Convert the modules at ``sites`` (``(layer, part)`` pairs) to float32 where they are in half
+    precision, the rest of the model unchanged; returns the bytes this added.
+
+    Why: an edit's ΔW is small next to W (MEMIT: |ΔW| / |W| about 3e-4), below half precision's
+    resolution (bfloat16 keeps 8 significant bits: 95% of such an update rounds away; float16 69%).
+    Kept in float32, the edited matrices take the update as computed, sequential edits accumulate in
+    float32, and the diagnostics describe the matrix the editor meant. Each such module gets a
+    forward pre-hook that casts its input to float32 and a forward hook that casts its output back to
+    the dtype it had, so the modules around it see what they saw before (hooks registered later,
+    such as :func:`capture`, read the float32 input and the cast-back output). The parameters are
+    converted in place (``param.data``), so references to them stay valid.
+
+    Idempotent: a module already kept in float32 is left alone. Undo with :func:`release_float32`.
+    Float32 modules are left alone (nothing to keep).
+    """
+    added = 0
+    for layer, part in sites:
+        module = edited_module(model, layer, part)
+        dtype = module.weight.dtype
+        if hasattr(module, _FLOAT32_MARK) or dtype not in HALF_DTYPES:
+            continue
+        before = _bytes(module)
+        module.float()
+        handles = (module.register_forward_pre_hook(_inputs_to_float32, with_kwargs=True),
+                   module.register_forward_hook(_output_caster(dtype)))
+        setattr(module, _FLOAT32_MARK, (dtype, handles))
+        added += _bytes(module) - before
+    return added
+
+
+def release_float32(model, sites: Sequence[tuple[int, str]]) -> None:
+    """Undo :func:`keep_in_float32` at ``sites``: back to the module's own dtype, hooks removed.
+
+    The cast back rounds: it is exact only for weights that are representable in that dtype (the
+    original weights, restored first)."""
+    for layer, part in sites:
+        module = edited_module(model, layer, part)
+        mark = getattr(module, _FLOAT32_MARK, None)
+        if mark is None:
+            continue
+        dtype, handles = mark
+        for handle in handles:
+            handle.remove()
+        module.to(dtype)
+        delattr(module, _FLOAT32_MARK)
+
+
+def kept_in_float32(model, layer: int, part: str = "mlp_out") -> bool:
+    return hasattr(edited_module(model, layer, part), _FLOAT32_MARK)
+
+
+@contextlib.contextmanager
+def float32_while(model, sites: Sequence[tuple[int, str]]) -> Iterator[None]:
+    """:func:`keep_in_float32` for the ``with`` block only; modules already kept stay kept after it.
+
+    For an editor that trains W itself (FT): in float16 its Adam state underflows (measured on a tiny LLaMA:
+    after one step 98% of the second moment (1 − β2) g² is 0, and eps = 1e-8 is 0 in float16), and
+    0 / 0 makes every entry NaN."""
+    fresh = [site for site in sites if not kept_in_float32(model, *site)]
+    keep_in_float32(model, fresh)
+    try:
+        yield
+    finally:
+        release_float32(model, fresh)
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+
+
+def _to_float32(value):
+    return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _inputs_to_float32(_module, args, kwargs):
+    return tuple(_to_float32(a) for a in args), {k: _to_float32(v) for k, v in kwargs.items()}
+
+
+def _output_caster(dtype: torch.dtype):
+    def hook(_module, _args, output):
+        hidden = output_hidden(output)
+        return _replace_hidden(output, hidden.to(dtype)) if hidden.is_floating_point() else output
+
+    return hook
+
+
+# ---------------------------------------------------------------------------------------------
 # Capturing keys and values
 
 

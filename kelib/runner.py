@@ -24,6 +24,13 @@ is refused with a message saying what changed. A run starts from random-number s
 Only the edited layers' original weights are kept (not a model copy); :meth:`EditRun.restore` puts
 them back and checks that the restored weights are bit-identical.
 
+Half precision (issue #20): on a model loaded in float16 or bfloat16, the edited matrices (and PMET's
+second projection) are kept in float32 while the run edits them, the rest of the model in its dtype
+(:func:`kelib.models.keep_in_float32`; the memory this costs is printed). Updates are computed,
+applied and accumulated in float32, and the diagnostics describe that float32 matrix; ``restore``
+returns the matrices to the model's dtype. Every applied update is checked against the intended one
+(one norm per matrix): an update lost to rounding is an :class:`~kelib.editors.base.EditError`.
+
 Editors that touch a second projection (PMET's attention output) have its diagnostics recorded under
 scope ``weights:<part>``. Editors that keep their edits outside the weights (GRACE's codebook) are
 evaluated inside their ``view``; their weights, and so their diagnostics, do not move.
@@ -48,10 +55,13 @@ from kelib.editors.base import EditError, edited_parts, get_editor
 from kelib.editors.context import pinned_templates
 from kelib.examples import Sample, examples_of
 from kelib.metrics import counterfact_scores, zsre_metrics
-from kelib.models import check_layer, get_weight, set_weight, weights_fingerprint
+from kelib.models import (check_layer, get_weight, keep_in_float32, release_float32, set_weight,
+                          weights_fingerprint)
 from kelib.runstore import COLUMNS, RunStore, code_identity, editor_module, rng_state, seeded_rng, set_rng_state
 
 Protocol = Literal["single", "batch", "sequential"]
+# Largest relative error ||W_stored - (W + ΔW)|| / ||ΔW|| of an applied update (0 in float32 storage).
+APPLY_TOLERANCE = 1e-3
 Evaluator = Callable[[object, object], dict]  # (model, tok) -> {metric: value}
 
 
@@ -146,7 +156,9 @@ class EditRun:
         known = {f.name for f in dataclasses.fields(hparams)}
         self.hparams = dataclasses.replace(hparams, **{k: v for k, v in overrides.items() if k in known})
         self.layers = [check_layer(model, layer) for layer in self.hparams.layers]
-        self.originals = {layer: get_weight(model, layer).detach().clone() for layer in self.layers}
+        # originals in float32 (exact copies of half-precision weights): the edited matrices are
+        # kept in float32 while the run edits them (:meth:`_keep_in_float32`)
+        self.originals = {layer: _float32_copy(get_weight(model, layer)) for layer in self.layers}
         self.other_parts = [p for p in edited_parts(self.hparams) if p != "mlp_out"]
         if self.other_parts and spec.regularizer != "none":
             raise ValueError(
@@ -154,9 +166,13 @@ class EditRun:
                 f"only, so {spec.regularizer} would leave those unregularized: run it without one"
             )
         self.other_originals = {
-            (part, layer): get_weight(model, layer, part).detach().clone()
+            (part, layer): _float32_copy(get_weight(model, layer, part))
             for part in self.other_parts for layer in self.layers
         }
+        self.sites = [(layer, "mlp_out") for layer in self.layers]
+        self.sites += [(layer, part) for part, layer in self.other_originals]
+        half = sorted({str(get_weight(model, layer, part).dtype).removeprefix("torch.")
+                       for layer, part in self.sites} - {"float32", "float64"})
         self.evaluators = evaluators or {}
         self.progress = progress
         self.editor_state: dict = {}
@@ -173,6 +189,8 @@ class EditRun:
             "code": code_identity(editor_module(self.editor), type(self.regularizer).__module__),
             **(meta or {}),
         }
+        if half:  # runs from before edited matrices were kept in float32 measured rounding: not reused
+            self.identity["edited_in"] = f"float32 (stored in {', '.join(half)})"
         self.store = RunStore(out_dir, self.identity)
         self.regularizer.start(model, self.originals, stats)
 
@@ -201,6 +219,7 @@ class EditRun:
             self.rows = self.store.rows()
             return self.table
         self.rows = []
+        self._keep_in_float32()
         with seeded_rng(self.spec.seed):
             if self.spec.protocol == "sequential":
                 self._sequential()
@@ -209,13 +228,38 @@ class EditRun:
         return self.table
 
     def restore(self) -> None:
-        """Put back the edited layers' original weights, and check they are bit-identical."""
-        sites = [((layer, "mlp_out"), w0) for layer, w0 in self.originals.items()]
-        sites += [((layer, part), w0) for (part, layer), w0 in self.other_originals.items()]
-        for (layer, part), w0 in sites:
+        """Put back the edited layers' original weights, return matrices kept in float32 to the model's
+        dtype (exact: the originals came from it), and check the weights are bit-identical.
+
+        The model leaves the run as it came, dtypes included, so the next run's weights fingerprint
+        does not depend on which runs came before."""
+        self._restore_weights()
+        release_float32(self.model, self.sites)
+        self._check_restored()
+
+    def _restore_weights(self) -> None:
+        for (layer, part), w0 in self._originals():
             set_weight(self.model, layer, w0, part)
-            if not torch.equal(get_weight(self.model, layer, part), w0):
+        self._check_restored()
+
+    def _check_restored(self) -> None:
+        for (layer, part), w0 in self._originals():
+            if not torch.equal(get_weight(self.model, layer, part).float(), w0):
                 raise RuntimeError(f"{part} of layer {layer} could not be restored exactly")
+
+    def _originals(self) -> list[tuple[tuple[int, str], torch.Tensor]]:
+        sites = [((layer, "mlp_out"), w0) for layer, w0 in self.originals.items()]
+        return sites + [((layer, part), w0) for (part, layer), w0 in self.other_originals.items()]
+
+    def _keep_in_float32(self) -> None:
+        """Keep the edited matrices in float32 when the model is in half precision (see
+        :func:`kelib.models.keep_in_float32`); prints what it costs in memory."""
+        dtypes = {get_weight(self.model, layer, part).dtype for layer, part in self.sites}
+        added = keep_in_float32(self.model, self.sites)
+        if added:
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+            print(f"kelib: the {len(self.sites)} edited matrices of this {self.spec.editor} run are kept in "
+                  f"float32 (the model stays in {names}): {added / 2**20:.1f} MiB more memory")
 
     @contextlib.contextmanager
     def evaluation_view(self):
@@ -239,12 +283,34 @@ class EditRun:
 
     def _apply(self, update: dict[int, torch.Tensor], result) -> None:
         for layer, delta in update.items():
-            w = get_weight(self.model, layer)
-            set_weight(self.model, layer, w.float() + delta.to(w.device).float())
+            self._add(layer, delta, "mlp_out")
         for part, deltas in result.other_parts.items():
             for layer, delta in deltas.items():
-                w = get_weight(self.model, layer, part)
-                set_weight(self.model, layer, w.float() + delta.to(w.device).float(), part)
+                self._add(layer, delta, part)
+
+    def _add(self, layer: int, delta: torch.Tensor, part: str) -> None:
+        """W ← W + ΔW (summed in float32), then check that the stored W took it: the relative error
+        ||W_stored − (W + ΔW)|| / ||ΔW|| must be at most :data:`APPLY_TOLERANCE`.
+
+        In float32 storage it is 0; a matrix stored in half precision would lose most of a small update
+        to rounding (the error measured in bfloat16 for MEMIT's: 0.89), and the run would go on
+        measuring rounding. The runner keeps edited matrices in float32, so this guards against a
+        path that bypasses it (a module converted back, a model loaded differently)."""
+        w = get_weight(self.model, layer, part)
+        intended = delta.to(w.device).float()
+        wanted = w.float() + intended
+        set_weight(self.model, layer, wanted, part)
+        size = float(torch.linalg.norm(intended))
+        if size == 0:
+            return
+        error = float(torch.linalg.norm(get_weight(self.model, layer, part).float() - wanted)) / size
+        if not error <= APPLY_TOLERANCE:
+            raise EditError(
+                f"the update of {part} at layer {layer} was not applied as computed: stored in "
+                f"{str(w.dtype).removeprefix('torch.')}, the applied change is {error:.3g} away from the "
+                f"intended one (relative error; at most {APPLY_TOLERANCE:g} allowed). Keep the edited "
+                "matrices in float32 (kelib.models.keep_in_float32) or load the model in float32"
+            )
 
     def _chunks(self, cases: Sequence) -> list[list]:
         size = self.spec.batch_size if self.editor.batchable else 1
@@ -269,7 +335,7 @@ class EditRun:
                             self._record_weights(len(self.cases))
                             examples.update(self._record_evaluators(len(self.cases)))
                 finally:
-                    self.restore()
+                    self._restore_weights()  # still in float32 for the next unit; restore() releases them
                     self.regularizer.start(self.model, self.originals, self.stats)
                     self.editor_state = {}  # AlphaEdit's past keys, GRACE's codebook: this unit's only
         finally:
@@ -383,6 +449,10 @@ class EditRun:
         self.editor_state = state["editor_state"]
         self.templates = state["templates"]
         set_rng_state(state["rng"])
+
+
+def _float32_copy(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().to(torch.float32, copy=True)
 
 
 def run_edits(model, tok, cases, spec: RunSpec | dict, hparams, stats=None, out_dir=None,

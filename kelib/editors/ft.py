@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from kelib.editors.base import EditResult, check_cases, register
-from kelib.models import check_layer, device_of, edited_module, get_weight, set_weight
+from kelib.models import check_layer, device_of, edited_module, float32_while, get_weight, set_weight
 from kelib.tokens import pad_batch, with_target
 
 
@@ -35,34 +35,38 @@ def compute_update(model, tok, cases: Sequence, hparams: FTHyperParams, stats=No
     labels = torch.full_like(ids, -100)
     for row, (full, start) in enumerate(encoded):
         labels[row, start : len(full)] = ids[row, start : len(full)]
-    originals = {layer: get_weight(model, layer).detach().clone() for layer in layers}
-    params = [edited_module(model, layer).weight for layer in layers]
-    for p in params:
-        p.requires_grad_(True)
-    torch.manual_seed(hparams.seed)
-    optimizer = torch.optim.Adam(params, lr=hparams.lr)
-    loss_value = float("nan")
-    try:
-        for _ in range(hparams.num_steps):
-            optimizer.zero_grad()
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            loss = _token_nll(logits, labels)
-            loss_value = loss.item()
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for layer in layers:
-                    delta = (get_weight(model, layer).float() - originals[layer].float()).clamp(
-                        -hparams.norm_constraint, hparams.norm_constraint
-                    )
-                    set_weight(model, layer, originals[layer].float() + delta)
-        deltas = {layer: (get_weight(model, layer).float() - originals[layer].float()).detach() for layer in layers}
-    finally:
+    # W trains in float32 (its Adam state too): in float16, Adam's eps and most of its second moment
+    # (1 - β2) g² are 0, and 0 / 0 made every entry of ΔW NaN (issue #20). A no-op when the runner
+    # keeps W in float32 already.
+    with float32_while(model, [(layer, "mlp_out") for layer in layers]):
+        originals = {layer: get_weight(model, layer).detach().clone() for layer in layers}
+        params = [edited_module(model, layer).weight for layer in layers]
         for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-        for layer, weight in originals.items():
-            set_weight(model, layer, weight)
+            p.requires_grad_(True)
+        torch.manual_seed(hparams.seed)
+        optimizer = torch.optim.Adam(params, lr=hparams.lr)
+        loss_value = float("nan")
+        try:
+            for _ in range(hparams.num_steps):
+                optimizer.zero_grad()
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                loss = _token_nll(logits, labels)
+                loss_value = loss.item()
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for layer in layers:
+                        delta = (get_weight(model, layer).float() - originals[layer].float()).clamp(
+                            -hparams.norm_constraint, hparams.norm_constraint
+                        )
+                        set_weight(model, layer, originals[layer].float() + delta)
+            deltas = {layer: (get_weight(model, layer).float() - originals[layer].float()).detach() for layer in layers}
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+            for layer, weight in originals.items():
+                set_weight(model, layer, weight)
     return EditResult(deltas=deltas, info={"loss": loss_value, "steps": float(hparams.num_steps)})
 
 
