@@ -45,7 +45,8 @@ def test_second_call_reads_the_cache(tiny_gpt2, monkeypatch):
     assert torch.equal(first[0], again[0]) and torch.equal(first[2], again[2])
 
 
-def test_a_changed_key_recomputes(tiny_gpt2):
+def test_a_changed_key_recomputes(tiny_gpt2, monkeypatch, tmp_path):
+    monkeypatch.setenv("KELIB_CACHE", str(tmp_path))  # a cache of its own: a kept test cache must not pass for "absent"
     model, tok = tiny_gpt2
     stats.second_moments(model, tok, [1], SPEC, progress=False)
     other = StatsSpec(n_tokens=SPEC.n_tokens + 500, max_length=32, batch_size=8)
