@@ -244,7 +244,7 @@ class EditRun:
 
     def _check_restored(self) -> None:
         for (layer, part), w0 in self._originals():
-            if not torch.equal(get_weight(self.model, layer, part).float(), w0):
+            if not torch.equal(get_weight(self.model, layer, part).to(w0.dtype), w0):
                 raise RuntimeError(f"{part} of layer {layer} could not be restored exactly")
 
     def _originals(self) -> list[tuple[tuple[int, str], torch.Tensor]]:
@@ -452,7 +452,9 @@ class EditRun:
 
 
 def _float32_copy(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().to(torch.float32, copy=True)
+    """An exact copy in at least float32: half precision widens, float32 and float64 stay as they are
+    (a float64 model cast to float32 here would come back rounded from ``restore``)."""
+    return weight.detach().to(torch.promote_types(weight.dtype, torch.float32), copy=True)
 
 
 def run_edits(model, tok, cases, spec: RunSpec | dict, hparams, stats=None, out_dir=None,

@@ -232,3 +232,21 @@ def test_a_run_that_cannot_run_is_reported_and_the_grid_goes_on(tiny_tokenizer, 
     delta = grid[(grid.scope == "weights") & (grid.metric == "delta_frobenius") & (grid.checkpoint == 2)].value
     assert len(delta) == 1 and 0 < float(delta.iloc[0]) < float("inf")
     assert {p.dtype for p in model.parameters()} == {torch.float16}  # the model leaves the grid as it came
+
+
+def test_a_float64_model_is_restored_exactly(tiny_tokenizer):
+    """The originals are kept in at least float32, never narrowed: a float64 model comes back bit for bit."""
+    tok = tiny_tokenizer
+    model = make_tiny_model("llama", len(tok)).double()
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    hp = memit_hparams()
+    w0 = models.get_weight(model, hp.layers[0]).clone()
+    run = EditRun(model, tok, CASES, RunSpec("MEMIT", "sequential", n_edits=1), hp, IdentityStats(model),
+                  progress=False)
+    assert all(w.dtype == torch.float64 for w in run.originals.values())
+    run.run()
+    assert not torch.equal(models.get_weight(model, hp.layers[0]), w0)  # the edit landed
+    run.restore()
+    state = model.state_dict()
+    assert all(state[k].dtype == v.dtype and torch.equal(state[k], v) for k, v in state_before.items())
+
