@@ -55,6 +55,7 @@ runs_ = [{**r, "regularizer_params": {"alpha": alpha}} if r.get("regularizer") =
 setup = experiments.load_setup(model_name, dataset or None, device=device, dtype=dtype, ability_tasks=ability_tasks,
                                ability_limit=ability_limit)
 grid = experiments.run_grid(setup, runs_, n_edits=n_edits, checkpoints=checkpoints)
+plotting.save_table(experiments.not_run(grid), out_dir, "not_run")  # runs this model cannot run, and why
 grid["setting"] = grid.editor + np.where(grid.regularizer == "none", "", " + " + grid.regularizer)
 
 # %%
@@ -131,6 +132,7 @@ judged = experiments.print_verdicts([*lower.values(), *ability_verdicts], missin
 numbers = {
     "model": model_name,
     "n_edits": n_edits,
+    "not_run": experiments.not_run(grid).to_dict("records"),
     "condition_number_growth": growth,
     "sigma": bounds,
     "abilities_mean": scores.set_index("setting").abilities_mean.to_dict(),

@@ -54,6 +54,7 @@ plotting.set_style()
 setup = experiments.load_setup(model_name, dataset or None, device=device, dtype=dtype, ability_tasks=ability_tasks,
                                ability_limit=ability_limit)
 grid = experiments.run_grid(setup, runs, n_edits=n_edits, checkpoints=checkpoints)
+plotting.save_table(experiments.not_run(grid), out_dir, "not_run")  # runs this model cannot run, and why
 grid["setting"] = grid.editor + np.where(grid.regularizer == "none", "", " + " + grid.regularizer)
 
 # %%
@@ -94,6 +95,7 @@ d4s = [s for s in final.index if "D4S" in s]
 numbers = {
     "model": model_name,
     "n_edits": n_edits,
+    "not_run": experiments.not_run(grid).to_dict("records"),
     "l1_ratio_final": final.l1_ratio.to_dict(),
     "efficacy_final": final.efficacy.to_dict(),
     "abilities_mean_final": final.abilities_mean.to_dict(),

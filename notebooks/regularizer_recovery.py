@@ -49,6 +49,7 @@ runs = [{"editor": e, "batch_size": 1, "regularizer": r, **({"regularizer_params
 setup = experiments.load_setup(model_name, dataset or None, device=device, dtype=dtype, ability_tasks=ability_tasks,
                                ability_limit=ability_limit)
 grid = experiments.run_grid(setup, runs, n_edits=n_edits, checkpoints=checkpoints)
+plotting.save_table(experiments.not_run(grid), out_dir, "not_run")  # runs this model cannot run, and why
 
 # %%
 table = experiments.summary(grid)
@@ -95,6 +96,7 @@ kept_map = {f"{r.editor}+{r.regularizer}": float(r.edit_mean_kept) for r in kept
 numbers = {
     "model": model_name,
     "n_edits": n_edits,
+    "not_run": experiments.not_run(grid).to_dict("records"),
     "edit_mean": {f"{r.editor}+{r.regularizer}": float(r.edit_mean) for r in table.itertuples()},
     "abilities_mean": {f"{r.editor}+{r.regularizer}": float(r.abilities_mean) for r in table.itertuples()},
     "edit_performance_kept": kept_map,

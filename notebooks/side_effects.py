@@ -52,6 +52,7 @@ setup = experiments.load_setup(model_name, dataset or None, device=device, dtype
                                ability_limit=ability_limit)
 runs_ = [{**r, "batch_size": r.get("batch_size", n_edits if r["protocol"] == "batch" else batch_size)} for r in runs]
 grid = experiments.run_grid(setup, runs_, n_edits=n_edits, checkpoints=checkpoints)
+plotting.save_table(experiments.not_run(grid), out_dir, "not_run")  # runs this model cannot run, and why
 grid["setting"] = grid.editor + " " + grid.protocol.map({"sequential": "seq.", "batch": "batch", "single": "single"}) + " (b=" + grid.batch_size.astype(str) + ")"
 
 # %%
@@ -105,6 +106,7 @@ drops = (table.drop(index="unedited")[accuracies] - before[accuracies]).mean(axi
 numbers = {
     "model": model_name,
     "n_edits": n_edits,
+    "not_run": experiments.not_run(grid).to_dict("records"),
     "abilities_unedited": before.to_dict(),
     "abilities_after": after.to_dict(orient="index"),
     "edit_metrics_after": edits.to_dict(orient="index"),

@@ -90,3 +90,33 @@ def test_side_effects_notebook_measures_abilities_before_and_after(smoke):
         assert (verdict["high"] < 0) == (outcome == "holds") and (verdict["low"] > 0) == (outcome == "does not hold")
     for setting, scores in n["edit_metrics_after"].items():
         assert scores["efficacy_success"] >= 0.5, setting
+
+
+def test_every_notebook_saves_which_runs_did_not_run(smoke):
+    """On the micro model every run runs: each notebook still writes its (empty) ``not_run`` table."""
+    results, out = smoke
+    for name in results:
+        if name == "00_tour":  # the tour edits once by hand, with no grid
+            continue
+        assert numbers(smoke, name)["not_run"] == [], name
+        assert (out / name / "not_run.csv").read_text().splitlines() == ["editor,regularizer,protocol,batch_size,reason"]
+
+
+def test_a_run_that_cannot_run_is_saved_in_the_table_and_numbers(tmp_path, micro_dir):
+    """A run that cannot run (here: a RECT parameter that does not exist) is reported in ``not_run``
+    with its reason; the notebook still completes and plots the runs that ran."""
+    variant = tmp_path / "params" / "broken"
+    variant.mkdir(parents=True)
+    (variant / "l1_norm_explosion.yaml").write_text(
+        "model_name: kelib-micro\nn_edits: 2\ncheckpoints: [1]\n"
+        "runs:\n  - {editor: ROME, batch_size: 1}\n"
+        "  - {editor: MEMIT, batch_size: 1, regularizer: RECT, regularizer_params: {no_such_knob: 1}}\n")
+    [result] = reproduce(variant, out_root=tmp_path / "figures", runs_root=tmp_path / "runs", progress_bar=False,
+                         log=lambda line: None)
+    assert result.ok, result.error
+    out = tmp_path / "figures" / "broken" / "l1_norm_explosion"
+    [skipped] = json.loads((out / "numbers.json").read_text())["not_run"]
+    assert (skipped["editor"], skipped["regularizer"]) == ("MEMIT", "RECT") and "no_such_knob" in skipped["reason"]
+    assert "no_such_knob" in (out / "not_run.md").read_text()
+    assert set(json.loads((out / "numbers.json").read_text())["l1_ratio_final"]) == {"ROME"}
+    assert (out / "l1_norm_vs_edits.png").exists()
