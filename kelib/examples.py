@@ -112,6 +112,13 @@ class Scores(dict):
         super().__init__(means)
         self.examples: dict[str, Sample] = dict(examples or {})
 
+    def to_json(self) -> dict:
+        return {"means": dict(self), "examples": {m: s.to_json() for m, s in self.examples.items()}}
+
+    @classmethod
+    def from_json(cls, record: Mapping) -> "Scores":
+        return cls(record["means"], {m: Sample.from_json(s) for m, s in record["examples"].items()})
+
 
 def examples_of(result: Mapping) -> dict[str, Sample]:
     """The per-example scores an evaluator's result carries (none for a plain dict)."""

@@ -81,3 +81,56 @@ def test_a_damaged_layer_raises_perplexity_measurably(micro, scores, untouched):
 def test_the_evaluator_has_a_cache_key_of_its_own(scores):
     evaluate, _ = scores
     assert evaluate.key == {"abilities": 2, "model": "micro", "n_facts": 50, "n_skill": 40, "n_text": 40}
+
+
+def test_choices_are_scored_as_one_forward_per_choice_would(micro):
+    """Choices read from shared prompt rows give the verdicts of scoring each prompt + choice on its own
+    (the summed log-probability of the choice's tokens, the best choice winning)."""
+    from kelib.embedded.report import choice_correct
+
+    model, tok, _ = micro
+    examples = [ex for skill in heldout_skills("micro").values() for ex in skill[:15]]
+    expected = []
+    with torch.no_grad():
+        for ex in examples:
+            prompt = tok(ex.prompt)["input_ids"]
+            totals = []
+            for choice in ex.choices:
+                ids = prompt + tok(" " + choice, add_special_tokens=False)["input_ids"]
+                logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+                totals.append(sum(float(logprobs[t - 1, ids[t]]) for t in range(len(prompt), len(ids))))
+            expected.append(max(range(len(totals)), key=totals.__getitem__) == ex.label)
+    assert choice_correct(model, tok, examples, batch_size=7) == expected
+    assert 0 < sum(expected) < len(expected) or len(set(expected)) == 1
+
+
+def test_an_unchanged_model_is_evaluated_once(micro, scores, untouched, monkeypatch, tmp_path):
+    """The abilities of a model are kept by its weights: the same weights read back the same scores
+    (every run's checkpoint 0), changed weights or an undeclared hook are evaluated afresh."""
+    from kelib.embedded import report
+
+    model, tok, _ = micro
+    evaluate, before = scores
+    monkeypatch.setenv("KELIB_CACHE", str(tmp_path))  # an empty cache: nothing kept from other tests
+    calls = []
+    real = report.paragraph_nll
+    monkeypatch.setattr(report, "paragraph_nll", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first, again = evaluate(model, tok), evaluate(model, tok)
+    assert calls == [1] and dict(first) == dict(again) == dict(before)
+    assert all(list(again.examples[m].values) == list(s.values) for m, s in before.examples.items())
+    assert all(again.examples[m].weights is None or list(again.examples[m].weights) == list(s.weights)
+               for m, s in before.examples.items())
+    w = get_weight(model, 0).clone()
+    try:
+        set_weight(model, 0, w * 1.01)
+        changed = evaluate(model, tok)
+    finally:
+        set_weight(model, 0, w)
+    assert calls == [1, 1] and changed["heldout_perplexity"] != before["heldout_perplexity"]
+    handle = model.transformer.h[0].register_forward_hook(lambda module, args, out: None)
+    try:
+        evaluate(model, tok)
+        evaluate(model, tok)
+    finally:
+        handle.remove()
+    assert calls == [1, 1, 1, 1]  # a hook no view declares could change anything: never read back

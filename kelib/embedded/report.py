@@ -7,11 +7,13 @@ training report and the damage measured later use one definition.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from kelib.embedded.skills import SkillExample
+from kelib.io import read_json, stable_hash, write_json
 from kelib.metrics import score_targets
 from kelib.models import device_of
 from kelib.tokens import pad_batch
@@ -25,30 +27,21 @@ def choice_accuracy(model, tok, examples: Sequence[SkillExample], batch_size: in
     return sum(correct) / len(correct)
 
 
-@torch.no_grad()
 def choice_correct(model, tok, examples: Sequence[SkillExample], batch_size: int = 64) -> list[bool]:
-    """Per example: whether the choice with the highest summed log-probability is the label."""
-    flat = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices))]
-    scores = torch.empty(len(flat))
-    device = device_of(model)
-    for lo in range(0, len(flat), batch_size):
-        chunk = flat[lo : lo + batch_size]
-        seqs, spans = [], []
-        for i, c in chunk:
-            prompt_ids = tok(examples[i].prompt)["input_ids"]
-            choice_ids = tok(" " + examples[i].choices[c], add_special_tokens=False)["input_ids"]
-            seqs.append(prompt_ids + choice_ids)
-            spans.append((len(prompt_ids), len(prompt_ids) + len(choice_ids)))
-        ids, mask = pad_batch(seqs, tok.pad_token_id, device)
-        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        for row, (start, end) in enumerate(spans):
-            targets = ids[row, start:end]
-            lp = logprobs[row, start - 1 : end - 1].gather(-1, targets[:, None]).sum()
-            scores[lo + row] = lp
+    """Per example: whether the choice with the highest summed log-probability is the label.
+
+    Scored with :func:`kelib.metrics.score_targets`, which reads every choice from the forward pass
+    of the longest input it is a prefix of: one-token choices of an example cost one forward of its
+    prompt, not one per choice."""
+    prompts = [ex.prompt for ex in examples for _ in ex.choices]
+    choices = [choice for ex in examples for choice in ex.choices]
+    scores = score_targets(model, tok, prompts, choices, batch_size)
+    logprob = [-s.nll * len(s.token_correct) for s in scores]  # summed over the choice's tokens
     correct, k = [], 0
     for ex in examples:
         n = len(ex.choices)
-        correct.append(int(scores[k : k + n].argmax()) == ex.label)
+        mine = logprob[k : k + n]
+        correct.append(max(range(n), key=mine.__getitem__) == ex.label)
         k += n
     return correct
 
@@ -151,13 +144,41 @@ def abilities_evaluator(name: str = "default", n_facts: int = 300, n_skill: int 
     texts = heldout_texts(name)[:n_text]
 
     def evaluate(model, tok) -> Scores:
+        path = _cached_path(model, tok, evaluate.key)
+        if path is not None and path.exists():
+            return Scores.from_json(read_json(path))
         examples = {"recall_unedited": Sample([s.exact for s in score_targets(model, tok, prompts, answers)])}
         for skill, items in skills.items():
             examples[f"skill_{skill}"] = Sample(choice_correct(model, tok, items))
         nll, tokens = paragraph_nll(model, tok, texts)
         examples["heldout_perplexity"] = Sample(nll, tokens, log=True, higher_is_better=False)
-        return Scores({metric: sample.mean for metric, sample in examples.items()}, examples)
+        scores = Scores({metric: sample.mean for metric, sample in examples.items()}, examples)
+        if path is not None:
+            write_json(path, {"key": evaluate.key, **scores.to_json()})
+        return scores
 
     # the run cache keys on this: runs made before perplexity and per-example scores are not reused
     evaluate.key = {"abilities": 2, "model": name, "n_facts": n_facts, "n_skill": n_skill, "n_text": n_text}
     return evaluate
+
+
+def _cached_path(model, tok, key: dict) -> Path | None:
+    """Where the abilities of exactly this model (its weights, and any view it answers through:
+    GRACE's codebook) are kept, or None when they cannot be keyed (undeclared forward hooks).
+
+    Every run of a notebook starts from the same unedited model: its abilities at checkpoint 0 are
+    computed once and read back by the other runs, as lm-eval's results are
+    (:func:`kelib.evaluation.evaluate_abilities`)."""
+    from kelib.evaluation import tokenizer_fingerprint, view_keys
+    from kelib.models import weights_fingerprint
+    from kelib.paths import cache_dir
+    from kelib.runstore import code_identity
+
+    views = view_keys(model)
+    if views is None:
+        return None
+    fingerprint = weights_fingerprint(model)
+    full = {"evaluator": key, "weights": fingerprint, "views": views, "tokenizer": tokenizer_fingerprint(tok),
+            "model_class": type(model).__name__,
+            "code": code_identity("kelib.embedded.report", "kelib.metrics", "kelib.tokens")}
+    return cache_dir("evaluations", fingerprint) / f"embedded-abilities-{stable_hash(full)}.json"
