@@ -68,6 +68,26 @@ def test_grace_codebook_rule_adds_expands_and_splits():
     assert chosen.tolist() == [0, 2, -1] and inside.tolist() == [True, True, False]
 
 
+def test_lookup_decides_on_exact_distances():
+    """Large keys (norm ~ 300, where a matrix product's distance is off by ~0.1): each key falls in its
+    own entry even at a radius of 1e-6, and random queries get the entry exact differences give."""
+    generator = torch.Generator().manual_seed(0)
+    keys = 10 * torch.randn(600, 256, generator=generator) + 5
+    codebook = {"keys": keys, "values": torch.zeros(600, 3), "labels": ["x"] * 600,
+                "epsilons": torch.full((600,), 1e-6)}
+    chosen, inside = lookup(codebook, keys[::7].clone())
+    assert inside.all() and chosen.tolist() == list(range(0, 600, 7))
+    queries = keys[torch.randint(600, (400,), generator=generator)] + 4 * torch.randn(400, 256, generator=generator)
+    codebook["epsilons"] = torch.linspace(60, 70, 600)  # about half of the queries land inside
+    dists = torch.cdist(queries, keys, compute_mode="donot_use_mm_for_euclid_dist")
+    nearest_dist, nearest = dists.min(1)
+    expected_inside = nearest_dist <= codebook["epsilons"][nearest]
+    chosen, inside = lookup(codebook, queries)
+    assert 50 < int(expected_inside.sum()) < 350
+    assert torch.equal(inside, expected_inside)
+    assert torch.equal(chosen, torch.where(expected_inside, nearest, -1))
+
+
 def test_grace_reediting_a_prompt_relabels_its_entry(micro, untouched):
     model, tok, cases = micro
     hp = load_hparams("GRACE", "kelib-micro", {"n_iter": 30})
