@@ -10,7 +10,7 @@ from kelib.editors.base import EditResult, model_key
 from kelib.editors.context import keys_at, rome_templates
 from kelib.editors.memit import solve_update
 from kelib.editors.rome import rank_one_update
-from kelib.models import ModelError, add_to_weight, get_weight, set_weight
+from kelib.models import ModelError, add_to_weight, edited_module, get_weight, set_weight
 from kelib.runner import RunSpec, run_edits
 
 
@@ -85,6 +85,46 @@ def test_ft_keeps_every_entry_within_its_bound(micro, untouched):
     delta = result.deltas[hp.layers[0]]
     assert delta.abs().max() <= hp.norm_constraint + 1e-7
     assert delta.abs().max() > 0
+
+
+def test_ft_trains_on_the_full_models_loss(micro, untouched):
+    """FT runs only the blocks from its layer up: its ΔW is the one the plain loop gets (Adam on the
+    whole model's mean target NLL, clipped after each step), to float rounding."""
+    from kelib.tokens import pad_batch, with_target
+
+    model, tok, cases = micro
+    hp = load_hparams("FT", "kelib-micro", {"num_steps": 6, "norm_constraint": 10.0})
+    # targets of 1, 2 and 3 tokens: the loss is the mean over cases of each case's mean token NLL
+    batch = [cases[0], dataclasses.replace(cases[1], target_new=f"{cases[1].target_new} {cases[2].target_new}"),
+             dataclasses.replace(cases[3], target_new=" ".join(c.target_new for c in cases[3:6]))]
+    result = get_editor("FT").compute_update(model, tok, batch, hp)
+    layer = hp.layers[0]
+    encoded = [with_target(tok, c.prompt, c.target_new) for c in batch]
+    ids, mask = pad_batch([e[0] for e in encoded], tok.pad_token_id)
+    w0 = get_weight(model, layer).clone()
+    weight = edited_module(model, layer).weight
+    stored0 = weight.detach().clone()
+    weight.requires_grad_(True)
+    torch.manual_seed(hp.seed)
+    optimizer = torch.optim.Adam([weight], lr=hp.lr)
+    try:
+        for _ in range(hp.num_steps):
+            optimizer.zero_grad()
+            logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)
+            per_case = [-logprobs[row, start - 1 : len(full) - 1].gather(-1, torch.tensor(full[start:])[:, None]).mean()
+                        for row, (full, start) in enumerate(encoded)]
+            torch.stack(per_case).mean().backward()
+            optimizer.step()
+            with torch.no_grad():
+                weight.copy_(stored0 + (weight - stored0).clamp(-hp.norm_constraint, hp.norm_constraint))
+        expected = get_weight(model, layer).detach() - w0
+    finally:
+        weight.requires_grad_(False)
+        weight.grad = None
+        set_weight(model, layer, w0)
+    delta = result.deltas[layer]
+    assert len({len(full) - start for full, start in encoded}) == 3
+    assert float((delta - expected).norm() / expected.norm()) < 1e-4
 
 
 def test_alphaedit_update_lies_in_the_null_space_of_c0(micro, micro_stats, untouched):

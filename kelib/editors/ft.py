@@ -2,7 +2,9 @@
 an L∞ ball (ROME's constrained fine-tuning baseline, the FT of the D4S tables).
 
 Minimises the mean token NLL of ``target_new`` after the prompt with Adam; after each step ΔW is
-clipped to ``[-norm_constraint, norm_constraint]`` element-wise.
+clipped to ``[-norm_constraint, norm_constraint]`` element-wise. Blocks below the lowest edited layer
+do not change while training: they run once (:func:`kelib.editors.partial.freeze_below`), each step
+runs the blocks from that layer up and unembeds the target positions only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Sequence
 import torch
 
 from kelib.editors.base import EditResult, check_cases, register
+from kelib.editors.partial import freeze_below
 from kelib.models import check_layer, device_of, edited_module, float32_while, get_weight, set_weight
 from kelib.tokens import pad_batch, with_target
 
@@ -32,9 +35,14 @@ def compute_update(model, tok, cases: Sequence, hparams: FTHyperParams, stats=No
     check_cases(cases, tok)
     encoded = [with_target(tok, c.prompt, c.target_new) for c in cases]
     ids, mask = pad_batch([e[0] for e in encoded], tok.pad_token_id, device_of(model))
-    labels = torch.full_like(ids, -100)
+    # (row, position) of every target token's prediction and its id; a case is its row
+    rows, cols, wanted = [], [], []
     for row, (full, start) in enumerate(encoded):
-        labels[row, start : len(full)] = ids[row, start : len(full)]
+        rows += [row] * (len(full) - start)
+        cols += range(start - 1, len(full) - 1)
+        wanted += full[start:]
+    rows, cols, wanted = (torch.tensor(x, device=ids.device) for x in (rows, cols, wanted))
+    n_tokens = torch.bincount(rows, minlength=len(cases)).float()
     # W trains in float32 (its Adam state too): in float16, Adam's eps and most of its second moment
     # (1 - β2) g² are 0, and 0 / 0 made every entry of ΔW NaN (issue #20). A no-op when the runner
     # keeps W in float32 already.
@@ -46,11 +54,14 @@ def compute_update(model, tok, cases: Sequence, hparams: FTHyperParams, stats=No
         torch.manual_seed(hparams.seed)
         optimizer = torch.optim.Adam(params, lr=hparams.lr)
         loss_value = float("nan")
+        upper = freeze_below(model, ids, mask, min(layers))
         try:
             for _ in range(hparams.num_steps):
                 optimizer.zero_grad()
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-                loss = _token_nll(logits, labels)
+                logits = upper.run(upper.hidden, rows, cols).float()
+                nll = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
+                # the mean over cases of each case's mean token NLL
+                loss = (torch.zeros(len(cases), device=nll.device).index_add(0, rows, nll) / n_tokens).mean()
                 loss_value = loss.item()
                 loss.backward()
                 optimizer.step()
@@ -69,11 +80,3 @@ def compute_update(model, tok, cases: Sequence, hparams: FTHyperParams, stats=No
                 set_weight(model, layer, weight)
     return EditResult(deltas=deltas, info={"loss": loss_value, "steps": float(hparams.num_steps)})
 
-
-def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over cases of the mean NLL of each case's target tokens."""
-    logprobs = torch.log_softmax(logits[:, :-1], -1)
-    targets = labels[:, 1:]
-    valid = targets != -100
-    picked = logprobs.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1) * valid
-    return (-(picked.sum(1) / valid.sum(1).clamp_min(1))).mean()
