@@ -150,3 +150,35 @@ def test_grace_edit_changes_a_cached_lm_eval_answer(micro, untouched, tmp_path, 
         assert new_object_wins() == 1.0  # read back under the codebook's own key
     assert new_object_wins() == 0.0
     assert len(list((tmp_path / "cache" / "evaluations").rglob("*.json"))) == 2
+
+
+def test_grace_value_is_trained_on_the_full_models_loss(micro, untouched):
+    """The value trains on the blocks from the adaptor's layer up: it is the value the plain loop
+    (Adam on the whole model's target NLL through the adaptor) reaches, to float rounding."""
+    from kelib.editors.grace import _empty_codebook, train_value
+    from kelib.models import weight_shape
+    from kelib.tokens import with_target
+
+    model, tok, cases = micro
+    hp = dataclasses.replace(load_hparams("GRACE", "kelib-micro"), n_iter=8, early_stop_loss=0.0)
+    layer = hp.layers[0]
+    case = dataclasses.replace(cases[7], target_new=f"{cases[7].target_new} {cases[8].target_new}")  # two tokens
+    key, output = keys_at(model, tok, [case], ["{}"], [layer], "prompt_last")[layer]
+    codebook = _empty_codebook(*reversed(weight_shape(model, layer)), "cpu")
+    slot = place(codebook, key[0], output[0], case.target_new, hp.eps)
+    codebook["values"][slot] = torch.rand(output.shape[1], generator=torch.Generator().manual_seed(1))
+    start_value = codebook["values"][slot].clone()
+    train_value(model, tok, case, layer, codebook, slot, hp)
+
+    full, start = with_target(tok, case.prompt, case.target_new)
+    ids = torch.tensor([full])
+    value = start_value.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([value], lr=hp.edit_lr)
+    for _ in range(hp.n_iter):
+        with adaptor(model, layer, codebook, values=value[None]):
+            logits = model(input_ids=ids).logits[0, start - 1 : len(full) - 1]
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(logits, ids[0, start:]).backward()
+        optimizer.step()
+    assert len(full) - start == 2 and not torch.equal(value.detach(), start_value)
+    assert float((codebook["values"][slot] - value.detach()).norm() / (value.detach() - start_value).norm()) < 1e-4

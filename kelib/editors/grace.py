@@ -38,6 +38,7 @@ import torch
 
 from kelib.editors.base import EditError, EditResult, check_cases, register
 from kelib.editors.context import keys_at
+from kelib.editors.partial import freeze_below
 from kelib.models import check_layer, device_of, edited_module, output_hidden, weight_shape
 from kelib.tokens import pad_batch, with_target
 
@@ -205,14 +206,18 @@ def train_value(model, tok, case, layer: int, codebook: dict, slot: int, hparams
     full, start = with_target(tok, case.prompt, case.target_new)
     ids, mask = pad_batch([full], tok.pad_token_id, device_of(model))
     targets = ids[0, start:]
+    # the blocks below the adaptor's run once; each step runs the blocks from its layer up
+    upper = freeze_below(model, ids, mask, layer)
+    rows = torch.zeros(len(targets), dtype=torch.long, device=ids.device)
+    cols = torch.arange(start - 1, len(full) - 1, device=ids.device)
     value = codebook["values"][slot].clone().requires_grad_(True)
     optimizer = torch.optim.Adam([value], lr=hparams.edit_lr)
     loss_value = float("nan")
     for _ in range(hparams.n_iter):
         table = torch.cat([codebook["values"][:slot], value[None], codebook["values"][slot + 1 :]])
         with adaptor(model, layer, codebook, values=table):
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[0, start - 1 : len(full) - 1], targets)
+            logits = upper.run(upper.hidden, rows, cols).float()
+        loss = torch.nn.functional.cross_entropy(logits, targets)
         loss_value = loss.item()
         if loss_value < hparams.early_stop_loss:
             break
