@@ -39,6 +39,23 @@ def test_rect_ties_are_deterministic_and_zero_weights_are_guarded():
         RECTParams(k=0)
 
 
+def test_rect_mask_is_the_stable_sort_of_relative_changes():
+    """Selection, not a sort: the same mask as ranking every δ (descending, ties by position), with
+    many ties straddling the threshold."""
+    from kelib.diagnostics import relative_change
+    from kelib.regularizers.rect import rect_mask
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.ones(64, 96)
+    delta = torch.randint(0, 7, (64, 96), generator=generator).float() / 10  # 7 values: ties everywhere
+    for k in (0.01, 0.2, 0.33, 0.5, 0.97):
+        rel = relative_change(delta, weight).flatten()
+        order = torch.argsort(rel, descending=True, stable=True)[: math.ceil(k * rel.numel())]
+        expected = torch.zeros(rel.numel(), dtype=torch.bool)
+        expected[order] = True
+        assert torch.equal(rect_mask(delta, weight, k), expected.view_as(delta)), k
+
+
 def test_rect_regularizer_masks_each_layer_against_the_current_weight(tiny_gpt2):
     model, _ = tiny_gpt2
     from kelib.models import get_weight

@@ -31,13 +31,22 @@ class RECTParams:
 
 
 def rect_mask(delta: torch.Tensor, weight: torch.Tensor, k: float) -> torch.Tensor:
-    """Boolean mask of the ``ceil(k · numel)`` entries with the largest relative change."""
+    """Boolean mask of the ``ceil(k · numel)`` entries with the largest relative change.
+
+    The keep-th largest δ is found by selection (``kthvalue``, linear time, not a sort of every
+    entry): entries above it are kept, and of those equal to it the first in row-major order, as
+    many as are still needed."""
     rel = relative_change(delta, weight).flatten()
-    keep = math.ceil(k * rel.numel())
-    order = torch.argsort(rel.cpu(), descending=True, stable=True)[:keep]
-    mask = torch.zeros(rel.numel(), dtype=torch.bool)
-    mask[order] = True
-    return mask.view_as(delta).to(delta.device)
+    n = rel.numel()
+    keep = math.ceil(k * n)
+    if keep >= n:
+        return torch.ones_like(delta, dtype=torch.bool)
+    threshold = torch.kthvalue(rel, n - keep + 1).values
+    above = rel > threshold
+    tied = rel == threshold
+    still_needed = keep - int(above.sum())
+    mask = above | (tied & (torch.cumsum(tied, 0) <= still_needed))
+    return mask.view_as(delta)
 
 
 def rect(delta: torch.Tensor, weight: torch.Tensor, k: float = 0.2) -> torch.Tensor:
