@@ -33,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="per-cell timeout (default: none)")
     rep.add_argument("--notebooks", metavar="DIR", help="notebook sources (default: notebooks/)")
     rep.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    rep.add_argument("--device-map", metavar="MAP",
+                     help="every notebook's device_map (e.g. auto: spread the model over the GPUs)")
+    rep.add_argument("--stats-corpus", metavar="CORPUS",
+                     help="every notebook's statistics corpus: wikitext2 (bundled, offline), wikipedia, "
+                          "or a folder of .txt files")
+    rep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="a parameter of every notebook that has it, over the params files "
+                          "(VALUE read as YAML; repeatable), e.g. --set hparams=gpt2-xl")
 
     lst = sub.add_parser("list", help="notebooks with their parameters, and the params variants")
     lst.add_argument("--notebooks", metavar="DIR", help="notebook sources (default: notebooks/)")
@@ -59,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     mend.add_argument("model", help="hub id, local path or embedded model (kelib-default, kelib-micro)")
     mend.add_argument("--device", default="cpu", help="train on this device, e.g. cuda (default: cpu)")
     mend.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    mend.add_argument("--device-map", metavar="MAP", help="from_pretrained's device_map, e.g. auto")
+    mend.add_argument("--hparams", metavar="SET",
+                      help="hyperparameter set for a model given by a path (params/hparams/MEND/SET.yaml)")
     mend.add_argument("--data", metavar="NAME",
                       help="training edits instead of the hparams file's training_data, e.g. zsre_train, "
                            "counterfact_train; editing then needs the same override")
@@ -93,8 +104,9 @@ def _train_mend(args) -> int:
     from kelib.models import ModelError, load_model
 
     try:
-        hparams = load_hparams("MEND", args.model, {"training_data": args.data} if args.data else None)
-        model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+        hparams = load_hparams("MEND", args.model, {"training_data": args.data} if args.data else None,
+                               hparams_set=args.hparams)
+        model, tok = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
         path = mend_path(model, hparams)
         if args.force or not path.exists():
             path = train_and_save(model, tok, hparams)
@@ -106,12 +118,26 @@ def _train_mend(args) -> int:
 
 
 def _reproduce(args) -> int:
+    import yaml
+
     from kelib.reproduce import ReproduceError, reproduce
 
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"kelib reproduce: --set needs KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        overrides[key.strip()] = yaml.safe_load(value) if value else ""
+    if args.device_map is not None:
+        overrides["device_map"] = args.device_map
+    if args.stats_corpus is not None:
+        overrides["stats_corpus"] = args.stats_corpus
     try:
         results = reproduce(
             args.params,
             only=args.only,
+            overrides=overrides,
             force=args.force,
             timeout_per_cell=args.timeout,
             notebooks_dir=args.notebooks,

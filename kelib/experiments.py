@@ -10,6 +10,7 @@ notebooks that need the same run share it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import pandas as pd
 import torch
 
 from kelib.config import ConfigError
-from kelib.editors import load_hparams
+from kelib.editors import get_editor, load_hparams
 from kelib.editors.base import EditError
 from kelib.models import EMBEDDED_MODELS, ModelError
 from kelib.paths import cache_dir
@@ -53,6 +54,8 @@ class Setup:
     cases: list
     evaluators: dict
     description: dict = field(default_factory=dict)  # for figure captions
+    hparams_set: str | None = None  # params/hparams/<EDITOR>/<set>.yaml; None: found by the model's name
+    stats_corpus: str | None = None  # every editor's C0 corpus; None: each editor's hparams (mom2_dataset)
 
 
 def load_setup(
@@ -64,16 +67,32 @@ def load_setup(
     ability_limit: int | None = None,
     n_facts: int = 300,
     n_skill: int | None = None,  # every held-out example of each skill (the recipe's n_eval)
+    device_map: str | dict | None = None,
+    hparams: str | None = None,
+    stats_corpus: str | None = None,
 ) -> Setup:
     """Model, tokenizer, cases and evaluators for ``model_name``.
 
     Embedded models edit the facts of their own world (``dataset=None``) and measure abilities with
     their skills and unedited facts. Other models edit ``dataset`` (e.g. ``counterfact_edit``, ``zsre``)
     and measure abilities with lm-eval on ``ability_tasks`` (e.g. ``["rect"]``) at ``ability_limit``.
+
+    ``device_map`` (e.g. ``"auto"``) is passed to ``from_pretrained`` instead of moving the model to
+    ``device``. ``hparams`` names the hyperparameter set of every editor (``gpt2-xl`` reads
+    ``params/hparams/<EDITOR>/gpt2-xl.yaml``) for a model given by a path; ``stats_corpus`` replaces every
+    editor's statistics corpus (``wikitext2`` offline, ``wikipedia``, or a folder of text files). Empty
+    strings mean None: the model's own sets, the hparams' corpora.
     """
     from kelib.models import load_model
+    from kelib.stats import check_corpus
 
-    model, tok = load_model(model_name, dtype=dtype, device=device)
+    hparams, stats_corpus = hparams or None, stats_corpus or None
+    if stats_corpus is not None:
+        try:
+            check_corpus(stats_corpus)
+        except ValueError as err:
+            raise ConfigError(f"stats_corpus: {err}") from None
+    model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map or None)
     evaluators = {}
     recipe = _recipe_name(model_name)
     if recipe is not None and dataset is None:
@@ -91,7 +110,34 @@ def load_setup(
     if ability_tasks:
         evaluators["tasks"] = lm_eval_evaluator(list(ability_tasks), ability_limit, model_name)
     description = {"model": model_name, "data": dataset, "device": device, "dtype": dtype}
-    return Setup(model_name, model, tok, cases, evaluators, description)
+    if device_map:
+        description["device_map"] = device_map
+    if hparams:
+        description["hparams"] = hparams
+    if stats_corpus:
+        description["stats corpus"] = stats_corpus
+    return Setup(model_name, model, tok, cases, evaluators, description, hparams, stats_corpus)
+
+
+def editor_hparams(setup: Setup, editor: str, overrides: dict | None = None):
+    """``editor``'s hyperparameters for ``setup``: its hparams set (by the model's name, or the set
+    ``setup.hparams_set`` names), with ``setup.stats_corpus`` as the statistics corpus when given."""
+    overrides = dict(overrides or {})
+    if setup.stats_corpus and "mom2_dataset" in {f.name for f in dataclasses.fields(get_editor(editor).hparams_class)}:
+        overrides.setdefault("mom2_dataset", setup.stats_corpus)
+    return load_hparams(editor, setup.model_name, overrides or None, hparams_set=setup.hparams_set)
+
+
+def _run_meta(setup: Setup, hparams) -> dict:
+    """What a run's identity adds about the model and its statistics: the model's name and, for a
+    folder corpus, its contents' hash (the hparams hold only its path)."""
+    from kelib.stats import CORPORA, corpus_version
+
+    meta = {"model": setup.model_name}
+    corpus = getattr(hparams, "mom2_dataset", None)
+    if corpus is not None and corpus not in CORPORA:
+        meta["stats_corpus"] = corpus_version(corpus)
+    return meta
 
 
 def lm_eval_evaluator(tasks: list[str], limit: int | None, model_name: str):
@@ -184,10 +230,10 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
     from kelib.runner import EditRun
 
     editor = run["editor"]
-    hparams = load_hparams(editor, setup.model_name, (hparams_overrides or {}).get(editor))
+    hparams = editor_hparams(setup, editor, (hparams_overrides or {}).get(editor))
     regularizer = run.get("regularizer", "none")
     params = dict(run.get("regularizer_params") or {})
-    if regularizer == "D4S":  # D4S solves MEMIT's system: same λ as the editor
+    if regularizer == "D4S" and hasattr(hparams, "mom2_update_weight"):  # D4S solves MEMIT's system: same λ
         params.setdefault("mom2_update_weight", hparams.mom2_update_weight)
     protocol = run.get("protocol", "sequential")
     spec = RunSpec(
@@ -200,9 +246,16 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
         checkpoints=sorted(set(checkpoints) | {0}) if protocol == "sequential" else [],
         max_eval_cases=max_eval_cases,
     )
+    # what the run adds in memory (C0, D4S's state), printed; refused (not run) when it cannot fit
+    from kelib.memory import check_plan, run_plan
+    from kelib.stats import SecondMomentSettings
+
+    uses_stats = isinstance(hparams, SecondMomentSettings) or regularizer == "D4S"
+    check_plan(run_plan(setup.model, editor, hparams.layers, regularizer, params, uses_stats),
+               _setting(editor, regularizer))
     stats = statistics_for(setup.model, setup.tok, hparams, progress=progress)
     edit_run = EditRun(setup.model, setup.tok, cases, spec, hparams, stats, evaluators=setup.evaluators,
-                       progress=progress, meta={"model": setup.model_name})
+                       progress=progress, meta=_run_meta(setup, hparams))
     # the folder is named by everything the run depends on (weights, spec, hyperparameters, cases,
     # evaluators, editor code): a changed input gets a new run, never a mixed one
     label = f"{editor}-{regularizer}-{spec.protocol}-b{spec.batch_size}-n{n_edits}-{edit_run.fingerprint[:12]}"
@@ -319,7 +372,7 @@ def edit_once(setup: Setup, case, editor: str = "ROME"):
     ``restore()`` undoes it exactly."""
     from kelib.runner import EditRun
 
-    hparams = load_hparams(editor, setup.model_name)
+    hparams = editor_hparams(setup, editor)
     stats = statistics_for(setup.model, setup.tok, hparams, progress=False)
     run = EditRun(setup.model, setup.tok, [case], RunSpec(editor, "sequential", n_edits=1), hparams, stats,
                   progress=False)

@@ -134,6 +134,7 @@ def load_model(
     if device_map is None:
         model.to(device)
     model.eval().requires_grad_(False)
+    identity_fingerprint(model)  # taken now, before any edit: the cache key of this model's C0 and MEND
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     architecture(model)  # fail early on a family kelib cannot edit
@@ -448,3 +449,39 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
             line = f"{name}|{param.dtype}|{tuple(param.shape)}|{total.item()!r}|{weighted.item()!r}\n"
             digest.update(line.encode())
     return digest.hexdigest()[:16]
+
+
+_IDENTITY_SAMPLES = 256  # values read per parameter by :func:`identity_fingerprint`
+
+
+def identity_fingerprint(model: torch.nn.Module) -> str:
+    """Which weights a model *came with*: the key of caches that belong to the model rather than to its
+    current state (key statistics C0, MEND's trained hypernetwork). Cheap at any size.
+
+    A sha256 over every parameter's name, dtype and shape and a strided sample of
+    :data:`_IDENTITY_SAMPLES` of its values (float64 on the CPU; a parameter on the ``meta`` device,
+    offloaded by a ``device_map``, counts by its shape only). Two models with the same architecture and
+    folder name but other weights differ in almost every sampled value; an update that touches only
+    entries between the samples could pass unseen, so this is a cache key, not a checksum (see
+    :func:`weights_fingerprint` for one that sees every entry).
+
+    Taken the first time it is asked and kept on the model (:func:`load_model` asks right after
+    loading): a sequential run edits the weights in place, and its statistics and hypernetwork must
+    stay those of the model it started from.
+    """
+    found = model.__dict__.get("_kelib_identity")
+    if found is not None:
+        return found
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            line = f"{name}|{param.dtype}|{tuple(param.shape)}"
+            if param.device.type != "meta" and param.numel():
+                flat = param.detach().reshape(-1)
+                step = max(1, flat.numel() // _IDENTITY_SAMPLES)
+                sample = flat[::step][:_IDENTITY_SAMPLES].to("cpu", torch.float64)
+                digest.update(sample.numpy().tobytes())
+            digest.update(f"{line}\n".encode())
+    found = digest.hexdigest()[:16]
+    model.__dict__["_kelib_identity"] = found
+    return found

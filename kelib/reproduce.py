@@ -325,13 +325,22 @@ def _failure_message(
 
 
 def validate_variant(
-    variant_dir: str | Path, only: list[str] | None = None, notebooks_dir: str | Path | None = None
+    variant_dir: str | Path, only: list[str] | None = None, notebooks_dir: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> list[tuple[str, Path, dict[str, Any]]]:
     """``[(name, source, params)]`` of a variant folder, in run order, every params file validated.
+
+    ``overrides`` (e.g. ``{"device_map": "auto", "stats_corpus": "wikitext2"}`` from the command line)
+    replace the files' values in every notebook that has that parameter; a key no notebook of the
+    batch has is a ``ParamsError``.
 
     No kernel starts, so tests can check every variant (the real-model ones included) in seconds.
     Raises ``ParamsError`` / ``ReproduceError``.
     """
+    overrides = dict(overrides or {})
+    if OUT_DIR_PARAM in overrides:
+        raise ParamsError(f"`{OUT_DIR_PARAM}` is set by the runner; it cannot be overridden")
+    used: set[str] = set()
     variant_dir = _resolve(variant_dir)
     if not variant_dir.is_dir():
         raise ReproduceError(
@@ -363,6 +372,11 @@ def validate_variant(
         except ReproduceError as err:
             raise ParamsError(f"{params_file}: {err}") from None
         known = validate_params(source, params, params_file)
+        if overrides:
+            mine = {k: v for k, v in overrides.items() if k in known}
+            used |= set(mine)
+            params = {**params, **mine}
+            validate_params(source, params, f"{params_file} with the command line's values")
         if OUT_DIR_PARAM not in known:
             raise ParamsError(
                 f"notebook {source} has no `{OUT_DIR_PARAM}: str` parameter (the runner passes where "
@@ -371,7 +385,9 @@ def validate_variant(
         if OUT_DIR_PARAM in params:
             raise ParamsError(f"{params_file}: `{OUT_DIR_PARAM}` is set by the runner; remove it")
         plan.append((name, source, params))
-
+    unused = sorted(set(overrides) - used)
+    if unused:
+        raise ParamsError(f"no notebook of {variant_dir} has the parameter(s) {unused} given on the command line")
     return plan
 
 
@@ -386,6 +402,7 @@ def reproduce(
     notebooks_dir: str | Path | None = None,
     progress_bar: bool | None = None,
     log: Callable[[str], None] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> list[NotebookResult]:
     """Run every notebook with a YAML in ``variant_dir`` through papermill; return one result each.
 
@@ -400,6 +417,8 @@ def reproduce(
         notebooks_dir: where the notebook sources are (default ``notebooks/``).
         progress_bar: papermill's per-cell bar (default: when stderr is a terminal).
         log: receives one line per notebook (default: print to stdout).
+        overrides: parameter values for every notebook that has the parameter, over the params files'
+            (see :func:`validate_variant`); they are part of the inputs that decide a skip.
 
     Every params file is validated before anything runs (``ParamsError``). A failing notebook is reported
     with its cell and the others still run.
@@ -416,7 +435,7 @@ def reproduce(
         progress_bar = sys.stderr.isatty()
 
     # validate everything first: a typo in the last YAML must fail in seconds, not after hours
-    plan = validate_variant(variant_dir, only, notebooks_dir)
+    plan = validate_variant(variant_dir, only, notebooks_dir, overrides)
 
     executable = kernel_executable(kernel_name)
     if os.path.abspath(executable) != os.path.abspath(sys.executable):

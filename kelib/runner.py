@@ -151,7 +151,7 @@ class EditRun:
         self.model, self.tok, self.spec, self.stats = model, tok, spec, stats
         self.cases = list(cases[: spec.n_edits])
         self.editor = get_editor(spec.editor)
-        self.regularizer = make_regularizer(spec.regularizer, spec.regularizer_params)
+        self.regularizer = make_regularizer(spec.regularizer, spec.regularizer_params, hparams)
         overrides = self.regularizer.editor_overrides()
         known = {f.name for f in dataclasses.fields(hparams)}
         self.hparams = dataclasses.replace(hparams, **{k: v for k, v in overrides.items() if k in known})

@@ -4,9 +4,12 @@ ROME and MEMIT weight their updates by the uncentered second moment of the keys 
 the nonlinearity, ``d_in``-dimensional) over generic text: ROME's ``u = C⁻¹ k``, MEMIT's
 ``ΔW = R Kᵀ (λ C0 + K Kᵀ)⁻¹``, AlphaEdit's null space of C0. Every non-padding token counts.
 
-Statistics are keyed by (model, layer, module, corpus and its version, number of tokens, dtype) and
-stored as ``{sum, count}`` so a run that is interrupted resumes from its last checkpoint. Offline,
-the bundled WikiText-2 test split is the corpus; online users can ask for Wikipedia (ROME's choice).
+Statistics are keyed by (model name, the weights' identity fingerprint, layer, module, corpus and its
+version, number of tokens, dtype) and stored as ``{sum, count}`` so a run that is interrupted resumes
+from its last checkpoint: two local models in folders of the same name never share a C. Offline, the
+bundled WikiText-2 test split is the corpus; online users can ask for Wikipedia (ROME's choice); a
+folder of text files (``*.txt``, ``*.txt.gz``, read in name order, a paragraph per blank-line block)
+is a corpus too, keyed by its files' contents.
 
 Embedded models look facts up at the prompt's last token, not the subject's. Keys there are a small
 population in generic text, so a C0 over every token barely sees the direction that all prompts of
@@ -30,8 +33,8 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from kelib.io import atomic_path, stable_hash
-from kelib.models import capture, device_of, module_name
+from kelib.io import atomic_path, sha256_file, stable_hash
+from kelib.models import capture, device_of, identity_fingerprint, module_name
 from kelib.paths import bundled, cache_dir
 
 log = logging.getLogger(__name__)
@@ -63,17 +66,50 @@ class StatsSpec:
     dtype: str = "float32"  # accumulation precision; float64 for very small models is cheap
 
     def __post_init__(self):
-        if self.corpus not in CORPORA:
-            raise ValueError(f"unknown corpus {self.corpus!r}; choose from {sorted(CORPORA)}")
+        check_corpus(self.corpus)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"stats dtype must be float32 or float64, got {self.dtype!r}")
+
+
+def check_corpus(corpus: str) -> str:
+    """``corpus`` if it names a known corpus or a folder holding text files, else a clear ValueError."""
+    if corpus in CORPORA:
+        return corpus
+    folder = Path(corpus).expanduser()
+    if folder.is_dir():
+        if not _folder_files(folder):
+            raise ValueError(f"corpus folder {folder} holds no text files (*.txt, *.txt.gz)")
+        return corpus
+    raise ValueError(f"unknown corpus {corpus!r}: choose from {sorted(CORPORA)} or give a folder of text "
+                     "files (*.txt, *.txt.gz)")
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith((".txt", ".txt.gz")))
+
+
+_FOLDER_VERSIONS: dict[tuple, str] = {}
+
+
+def corpus_version(corpus: str) -> str:
+    """The cache-key form of a corpus: its version for a known one; for a folder, a hash of its files'
+    names and contents (computed once per process while no file changes)."""
+    if corpus in CORPORA:
+        return CORPUS_VERSIONS[corpus]
+    folder = Path(corpus).expanduser().resolve()
+    files = _folder_files(folder)
+    stamp = (str(folder), *((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp not in _FOLDER_VERSIONS:
+        _FOLDER_VERSIONS[stamp] = "folder-" + stable_hash(
+            [(str(p.relative_to(folder)), sha256_file(p)) for p in files])
+    return _FOLDER_VERSIONS[stamp]
 
 
 @dataclass(frozen=True, kw_only=True)
 class SecondMomentSettings:
     """The hyperparameters that choose an editor's C0 (mixed into its hyperparameter dataclass)."""
 
-    mom2_dataset: str = "wikitext2"  # a key of CORPORA
+    mom2_dataset: str = "wikitext2"  # a key of CORPORA, or a folder of text files
     mom2_n_tokens: int = 100_000  # key vectors (tokens) in C; ROME counted 100k Wikipedia articles
     mom2_dtype: str = "float32"
     mom2_lookup_share: float = 0.0  # ρ: share of C0 from keys at the lookup positions (embedded models)
@@ -95,8 +131,9 @@ def model_id(model) -> str:
 def stats_path(model, layer: int, spec: StatsSpec, part: str = "mlp_out") -> Path:
     key = {
         "model": model_id(model),
+        "weights": identity_fingerprint(model),
         "module": module_name(model, layer, part),
-        "corpus": CORPUS_VERSIONS[spec.corpus],
+        "corpus": corpus_version(spec.corpus),
         "n_tokens": spec.n_tokens,
         "max_length": spec.max_length,
         "dtype": spec.dtype,
@@ -207,6 +244,14 @@ def _texts(corpus: str, model=None) -> Iterator[str]:
         yield from _embedded_world_texts(model)
     elif corpus == "embedded_prompts":
         yield from _embedded_prompts(model)
+    elif corpus not in CORPORA:  # a folder (checked by StatsSpec)
+        for path in _folder_files(Path(corpus).expanduser()):
+            opener = gzip.open if path.name.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+                for para in handle.read().split("\n\n"):
+                    para = " ".join(para.split())
+                    if para:
+                        yield para
     elif corpus == "wikitext2":
         raw = gzip.open(bundled("corpus", "wiki.test.raw.gz"), "rt", encoding="utf-8").read()
         for para in raw.split("\n"):
@@ -222,8 +267,9 @@ def _texts(corpus: str, model=None) -> Iterator[str]:
                 yield record["text"]
         except Exception as err:  # network errors come in many types
             raise RuntimeError(
-                "could not stream Wikipedia (wikimedia/wikipedia 20231101.en); offline, use "
-                "StatsSpec(corpus='wikitext2')"
+                "could not stream Wikipedia (wikimedia/wikipedia 20231101.en); offline, set the notebook "
+                "parameter stats_corpus to wikitext2 (bundled) or to a folder of text files (from the command "
+                "line: kelib reproduce --stats-corpus wikitext2), or use StatsSpec(corpus='wikitext2')"
             ) from err
 
 
@@ -285,6 +331,7 @@ class KeyStatistics:
         if not 0.0 <= lookup_share <= 1.0:
             raise ValueError(f"lookup_share must be in [0, 1], got {lookup_share}")
         self.model, self.tok, self.spec, self.part, self.progress = model, tok, spec, part, progress
+        identity_fingerprint(model)  # the cache key is the model this run starts from, not its edits
         self.lookup_share = lookup_share
         self._cache: dict[int, torch.Tensor] = {}
         self._siblings: dict[str, KeyStatistics] = {}

@@ -24,6 +24,10 @@ out_dir: str = "../figures/default/00_tour"  # where figures, tables and numbers
 model_name: str = "kelib-default"  # an embedded model, a local path or a hub id
 dataset: str = ""  # edit cases for non-embedded models (e.g. counterfact_edit); empty: the model world
 device: str = "cpu"  # cuda for real models
+dtype: str = "float32"  # bfloat16 or float16 halve the memory of 7B-8B models (edited matrices stay float32)
+device_map: str = ""  # e.g. auto: spread the model over the GPUs (from_pretrained's device_map); empty: all on device
+hparams: str = ""  # editors' hyperparameter set for a model given by a path (gpt2-xl: params/hparams/<EDITOR>/gpt2-xl.yaml); empty: by the model's name
+stats_corpus: str = ""  # text of the key statistics C0; empty: the editors hparams (Wikipedia for real models, as the papers); wikitext2 offline; or a folder of .txt files
 editor: str = "ROME"  # ROME, MEMIT, FT or AlphaEdit
 case_index: int = 0  # which edit case of the model's world
 trace_facts: int = 20  # facts averaged in the causal-tracing figure
@@ -33,14 +37,14 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 
 from kelib import experiments, plotting
-from kelib.editors import load_hparams
 from kelib.tracing import average_effects
 
 plotting.set_style()
-setup = experiments.load_setup(model_name, dataset or None, device=device)
+setup = experiments.load_setup(model_name, dataset or None, device=device, dtype=dtype, device_map=device_map,
+                               hparams=hparams, stats_corpus=stats_corpus)
 case = setup.cases[case_index]
-hparams = load_hparams(editor, model_name)
-print(f"edit {case.case_id}: {case.prompt!r} {case.target_true!r} -> {case.target_new!r} ({editor}, layers {hparams.layers}, key at {hparams.fact_token})")
+editor_hp = experiments.editor_hparams(setup, editor)
+print(f"edit {case.case_id}: {case.prompt!r} {case.target_true!r} -> {case.target_new!r} ({editor}, layers {editor_hp.layers}, key at {editor_hp.fact_token})")
 
 # %%
 before = experiments.fact_table(setup.model, setup.tok, case)

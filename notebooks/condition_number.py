@@ -27,6 +27,9 @@ ability_tasks: list = []  # lm-eval tasks or groups, e.g. prune; empty: the embe
 ability_limit: int = 100  # examples per lm-eval task
 device: str = "cpu"  # cuda for real models
 dtype: str = "float32"  # float16 or bfloat16 halves the memory of 7B models
+device_map: str = ""  # e.g. auto: spread the model over the GPUs (from_pretrained's device_map); empty: all on device
+hparams: str = ""  # editors' hyperparameter set for a model given by a path (gpt2-xl: params/hparams/<EDITOR>/gpt2-xl.yaml); empty: by the model's name
+stats_corpus: str = ""  # text of the key statistics C0; empty: the editors hparams (Wikipedia for real models, as the papers); wikitext2 offline; or a folder of .txt files
 n_edits: int = 1000  # sequential edits per run
 checkpoints: list = [100, 250, 500, 750]  # intermediate evaluations
 prune_alpha: str = "e"  # log base of PRUNE's F: e, 2, 1.5, 1.2 or linear
@@ -53,7 +56,8 @@ plotting.set_style()
 alpha = prune_alpha if prune_alpha in ("e", "linear") else float(prune_alpha)
 runs_ = [{**r, "regularizer_params": {"alpha": alpha}} if r.get("regularizer") == "PRUNE" else r for r in runs]
 setup = experiments.load_setup(model_name, dataset or None, device=device, dtype=dtype, ability_tasks=ability_tasks,
-                               ability_limit=ability_limit)
+                               ability_limit=ability_limit, device_map=device_map, hparams=hparams,
+                               stats_corpus=stats_corpus)
 grid = experiments.run_grid(setup, runs_, n_edits=n_edits, checkpoints=checkpoints)
 plotting.save_table(experiments.not_run(grid), out_dir, "not_run")  # runs this model cannot run, and why
 grid["setting"] = grid.editor + np.where(grid.regularizer == "none", "", " + " + grid.regularizer)

@@ -31,6 +31,9 @@ ability_tasks: list = []  # lm-eval tasks or groups, e.g. d4s; empty: the embedd
 ability_limit: int = 100  # examples per lm-eval task
 device: str = "cpu"  # cuda for real models
 dtype: str = "float32"  # float16 or bfloat16 halves the memory of 7B models
+device_map: str = ""  # e.g. auto: spread the model over the GPUs (from_pretrained's device_map); empty: all on device
+hparams: str = ""  # editors' hyperparameter set for a model given by a path (gpt2-xl: params/hparams/<EDITOR>/gpt2-xl.yaml); empty: by the model's name
+stats_corpus: str = ""  # text of the key statistics C0; empty: the editors hparams (Wikipedia for real models, as the papers); wikitext2 offline; or a folder of .txt files
 n_edits: int = 1000  # sequential edits per run
 checkpoints: list = [100, 250, 500, 750]  # intermediate evaluations
 runs: list = [  # D4S's baselines (ROME, MEMIT, PMET, GRACE, FT) and D4S itself
@@ -52,7 +55,8 @@ from kelib import experiments, plotting, verdicts
 
 plotting.set_style()
 setup = experiments.load_setup(model_name, dataset or None, device=device, dtype=dtype, ability_tasks=ability_tasks,
-                               ability_limit=ability_limit)
+                               ability_limit=ability_limit, device_map=device_map, hparams=hparams,
+                               stats_corpus=stats_corpus)
 grid = experiments.run_grid(setup, runs, n_edits=n_edits, checkpoints=checkpoints)
 plotting.save_table(experiments.not_run(grid), out_dir, "not_run")  # runs this model cannot run, and why
 grid["setting"] = grid.editor + np.where(grid.regularizer == "none", "", " + " + grid.regularizer)

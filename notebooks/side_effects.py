@@ -28,6 +28,9 @@ ability_tasks: list = []  # lm-eval tasks or groups, e.g. rect; empty: the embed
 ability_limit: int = 100  # examples per lm-eval task
 device: str = "cpu"  # cuda for real models
 dtype: str = "float32"  # float16 or bfloat16 halves the memory of 7B models
+device_map: str = ""  # e.g. auto: spread the model over the GPUs (from_pretrained's device_map); empty: all on device
+hparams: str = ""  # editors' hyperparameter set for a model given by a path (gpt2-xl: params/hparams/<EDITOR>/gpt2-xl.yaml); empty: by the model's name
+stats_corpus: str = ""  # text of the key statistics C0; empty: the editors hparams (Wikipedia for real models, as the papers); wikitext2 offline; or a folder of .txt files
 n_edits: int = 100  # edits per run
 checkpoints: list = [10, 25, 50, 75]  # intermediate evaluations of the sequential runs
 batch_size: int = 10  # cases per batch in batch-sequential runs
@@ -49,7 +52,8 @@ from kelib import experiments, plotting
 
 plotting.set_style()
 setup = experiments.load_setup(model_name, dataset or None, device=device, dtype=dtype, ability_tasks=ability_tasks,
-                               ability_limit=ability_limit)
+                               ability_limit=ability_limit, device_map=device_map, hparams=hparams,
+                               stats_corpus=stats_corpus)
 runs_ = [{**r, "batch_size": r.get("batch_size", n_edits if r["protocol"] == "batch" else batch_size)} for r in runs]
 grid = experiments.run_grid(setup, runs_, n_edits=n_edits, checkpoints=checkpoints)
 plotting.save_table(experiments.not_run(grid), out_dir, "not_run")  # runs this model cannot run, and why

@@ -137,19 +137,44 @@ def model_key(model_name: str) -> str:
     return MODEL_KEYS.get(model_name.lower(), model_name)
 
 
-def load_hparams(method: str, model_name: str, overrides: dict | None = None):
+def hparams_path(method: str, model_name: str, hparams_set: str | None = None) -> Path:
+    """``params/hparams/<method>/<set>.yaml`` for ``model_name``.
+
+    ``hparams_set`` (a file stem such as ``gpt2-xl``, or a model name :data:`MODEL_KEYS` knows) names the
+    set outright: for a model given by a path whose folder name says nothing. Without it the model
+    name is tried, then, for a path or a hub id, its last part (``/data/models/gpt2-xl`` finds
+    ``gpt2-xl``). A :class:`ConfigError` lists the sets there are when none is found.
+    """
+    folder = HPARAMS_DIR / method
+    if hparams_set:
+        tried = [model_key(hparams_set)]
+    else:
+        tried = [model_key(model_name)]
+        base = Path(model_name.rstrip("/\\")).name
+        if base and model_key(base) not in tried:
+            tried.append(model_key(base))
+    for stem in tried:
+        if (folder / f"{stem}.yaml").exists():
+            return folder / f"{stem}.yaml"
+    available = sorted(p.stem for p in folder.glob("*.yaml"))
+    asked = f"hparams set {hparams_set!r}" if hparams_set else repr(model_name)
+    raise ConfigError(
+        f"no hyperparameters for {method} on {asked} (looked for {', '.join(f'{folder}/{t}.yaml' for t in tried)}); "
+        f"available sets: {available}. Name one with the notebook parameter `hparams` (e.g. hparams: "
+        f"{available[0] if available else 'gpt2-xl'}) for a model whose name is none of them"
+    )
+
+
+def load_hparams(method: str, model_name: str, overrides: dict | None = None, hparams_set: str | None = None):
     """Hyperparameters of ``method`` for a model, from ``params/hparams/<method>/<key>.yaml``.
 
-    ``model_name`` is a hub id, a known short name or an embedded model (``kelib-default``); see
-    :data:`MODEL_KEYS`. ``overrides`` (a dict of field -> value, e.g. from a notebook parameter) are
+    ``model_name`` is a hub id, a known short name, a local path or an embedded model
+    (``kelib-default``); see :data:`MODEL_KEYS` and :func:`hparams_path` (``hparams_set`` names the
+    file outright). ``overrides`` (a dict of field -> value, e.g. from a notebook parameter) are
     applied last and checked like the file's keys.
     """
     editor = get_editor(method)
-    model_key_ = model_key(model_name)
-    path = HPARAMS_DIR / method / f"{model_key_}.yaml"
-    if not path.exists():
-        available = sorted(p.stem for p in (HPARAMS_DIR / method).glob("*.yaml"))
-        raise ConfigError(f"no hyperparameters for {method} on {model_name!r} ({path}); available: {available}")
+    path = hparams_path(method, model_name, hparams_set)
     hparams = load_yaml(editor.hparams_class, path)
     if overrides:
         known = {f.name for f in dataclasses.fields(hparams)}

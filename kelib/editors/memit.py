@@ -9,13 +9,19 @@
 
    ``residual_spread: fixed`` computes R once before the loop, as D4S's code does; the layers then
    receive 1/L, 1/(L-1), ..., 1 of the same residual.
+
+Within :func:`layer_weights` (D4S's loop) a caller decides what each layer carries while the later
+layers' keys are read: D4S puts W_0 + its update over the whole history there, as its code does,
+instead of this call's ΔW_l. The returned deltas are MEMIT's own either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
@@ -136,6 +142,24 @@ def _cholesky(c0: torch.Tensor, weight: float, device) -> torch.Tensor | None:
     return factor
 
 
+# fn(i, n_layers, layer, residual, keys) -> the weight layer carries while later layers' keys are read
+LayerWeight = Callable[[int, int, int, torch.Tensor, torch.Tensor], torch.Tensor]
+_LAYER_WEIGHT: contextvars.ContextVar[LayerWeight | None] = contextvars.ContextVar("kelib_memit_layer_weight",
+                                                                                      default=None)
+
+
+@contextlib.contextmanager
+def layer_weights(fn: LayerWeight) -> Iterator[None]:
+    """Within this block MEMIT sets each edited layer to ``fn(i, n_layers, layer, R, K)`` (R the full
+    residual, before the spread; K the layer's keys) after solving it, instead of adding its own ΔW_l,
+    so the keys of the later layers are read on the weights ``fn`` chose (D4S's loop)."""
+    token = _LAYER_WEIGHT.set(fn)
+    try:
+        yield
+    finally:
+        _LAYER_WEIGHT.reset(token)
+
+
 @register("MEMIT", MEMITHyperParams, batchable=True)
 def compute_update(model, tok, cases: Sequence, hparams: MEMITHyperParams, stats, state=None) -> EditResult:
     layers = [check_layer(model, layer) for layer in hparams.layers]
@@ -151,7 +175,11 @@ def compute_update(model, tok, cases: Sequence, hparams: MEMITHyperParams, stats
             if residual is None or hparams.residual_spread == "recompute":
                 residual = z - outputs
             delta = solve_update(residual / (len(layers) - i), keys, stats[layer], hparams.mom2_update_weight)
-            add_to_weight(model, layer, delta)  # later layers' keys and residuals see this layer's edit
+            chosen = _LAYER_WEIGHT.get()
+            if chosen is None:
+                add_to_weight(model, layer, delta)  # later layers' keys and residuals see this layer's edit
+            else:
+                set_weight(model, layer, chosen(i, len(layers), layer, residual, keys))
             result.deltas[layer] = delta
             result.keys[layer] = keys
             result.residuals[layer] = residual

@@ -50,7 +50,7 @@ from torch import nn
 from kelib.config import to_dict
 from kelib.editors.base import EditError, EditResult, check_cases, model_key, register
 from kelib.io import stable_hash
-from kelib.models import check_layer, device_of, edited_module, weight_shape
+from kelib.models import check_layer, device_of, edited_module, identity_fingerprint, weight_shape
 from kelib.paths import cache_dir
 from kelib.tokens import pad_batch, with_target
 
@@ -242,7 +242,10 @@ def embedded_dir(model) -> Path | None:
 def mend_path(model, hparams: MENDHyperParams) -> Path:
     """``<model_dir>/mend/<key>.pt`` for an embedded model, ``<cache>/mend/<model key>/<key>.pt`` else.
 
-    The key hashes every hyperparameter (and :data:`MEND_VERSION`): changed settings train anew.
+    The key hashes every hyperparameter (and :data:`MEND_VERSION`): changed settings train anew. For a
+    model outside kelib's own folders it also hashes the weights' identity fingerprint
+    (:func:`kelib.models.identity_fingerprint`): two local models in folders of the same name never
+    share a hypernetwork. (An embedded model's folder is its recipe's: the folder is the key.)
     """
     key = stable_hash({"version": MEND_VERSION, "hparams": to_dict(hparams)}, 12)
     folder = embedded_dir(model)
@@ -253,6 +256,8 @@ def mend_path(model, hparams: MENDHyperParams) -> Path:
         raise EditError("the model has no name (config._name_or_path is empty), so kelib cannot tell "
                         "which trained MEND hypernetwork belongs to it; load it by hub id or path")
     stem = model_key(Path(name).name if os.path.isdir(name) else name).replace("/", "--")
+    key = stable_hash({"version": MEND_VERSION, "hparams": to_dict(hparams),
+                       "weights": identity_fingerprint(model)}, 12)
     return cache_dir("mend", stem) / f"{key}.pt"
 
 

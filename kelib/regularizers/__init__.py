@@ -8,8 +8,9 @@ from kelib.regularizers.rect import RECT, RECTParams, rect
 REGULARIZERS = {"none": (Regularizer, None), "RECT": (RECT, RECTParams), "PRUNE": (PRUNE, PRUNEParams), "D4S": (D4S, D4SParams)}
 
 
-def make_regularizer(name: str, params: dict | None = None) -> Regularizer:
-    """A fresh regularizer by name, its parameters checked like any config."""
+def make_regularizer(name: str, params: dict | None = None, editor_hparams=None) -> Regularizer:
+    """A fresh regularizer by name, its parameters checked like any config; parameters that default
+    to the editor's (D4S's λ) are taken from ``editor_hparams`` when given."""
     from kelib.config import from_dict
 
     if name not in REGULARIZERS:
@@ -19,7 +20,10 @@ def make_regularizer(name: str, params: dict | None = None) -> Regularizer:
         if params:
             raise ValueError(f"regularizer {name!r} takes no parameters, got {sorted(params)}")
         return cls()
-    return cls(from_dict(params_cls, params or {}, where=f"regularizer {name}"))
+    checked = from_dict(params_cls, params or {}, where=f"regularizer {name}")
+    if editor_hparams is not None and hasattr(checked, "for_editor"):
+        checked = checked.for_editor(editor_hparams)
+    return cls(checked)
 
 
 __all__ = ["Regularizer", "RECT", "RECTParams", "PRUNE", "PRUNEParams", "D4S", "D4SParams", "make_regularizer", "rect", "restrain"]
