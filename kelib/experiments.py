@@ -56,6 +56,7 @@ class Setup:
     description: dict = field(default_factory=dict)  # for figure captions
     hparams_set: str | None = None  # params/hparams/<EDITOR>/<set>.yaml; None: found by the model's name
     stats_corpus: str | None = None  # every editor's C0 corpus; None: each editor's hparams (mom2_dataset)
+    load_args: dict | None = None  # load_setup's arguments: worker processes load the same setup
 
 
 def load_setup(
@@ -87,6 +88,9 @@ def load_setup(
     from kelib.stats import check_corpus
 
     hparams, stats_corpus = hparams or None, stats_corpus or None
+    load_args = {"model_name": model_name, "dataset": dataset, "device": device, "dtype": dtype,
+                 "ability_tasks": list(ability_tasks), "ability_limit": ability_limit, "n_facts": n_facts,
+                 "n_skill": n_skill, "device_map": device_map, "hparams": hparams, "stats_corpus": stats_corpus}
     if stats_corpus is not None:
         try:
             check_corpus(stats_corpus)
@@ -116,7 +120,7 @@ def load_setup(
         description["hparams"] = hparams
     if stats_corpus:
         description["stats corpus"] = stats_corpus
-    return Setup(model_name, model, tok, cases, evaluators, description, hparams, stats_corpus)
+    return Setup(model_name, model, tok, cases, evaluators, description, hparams, stats_corpus, load_args)
 
 
 def editor_hparams(setup: Setup, editor: str, overrides: dict | None = None):
@@ -167,11 +171,18 @@ def run_grid(
     max_eval_cases: int = 100,
     first_case: int = 0,
     progress: bool = True,
+    executor: str = "inline",
+    workers: int = 0,
 ) -> pd.DataFrame:
     """Run each of ``runs`` (dicts with ``editor`` and optionally ``regularizer``,
     ``regularizer_params``, ``protocol``, ``batch_size``) on ``n_edits`` cases, cached and resumable.
 
     Returns the runs' tidy tables stacked, with the run's settings as extra columns.
+
+    ``executor`` says where runs are computed (:mod:`kelib.executors`): ``inline`` here, one after
+    another; ``local`` in ``workers`` processes of this machine (0: one per core, or per GPU on cuda),
+    which load the same setup (``setup`` must come from :func:`load_setup`) and write into the run
+    cache; the finished runs are then read back here, so the table is the same either way.
 
     A run that cannot run on this model (an :class:`~kelib.editors.base.EditError`,
     :class:`~kelib.config.ConfigError` or :class:`~kelib.models.ModelError`: MEND not trained for it,
@@ -180,6 +191,18 @@ def run_grid(
     ``setup.description``, which every figure's caption shows; it has no rows, and the other runs
     go on. Any other error stops the grid.
     """
+    from kelib.executors import EXECUTORS, run_local
+
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    if executor == "local":
+        if setup.load_args is None:
+            raise ConfigError("executor 'local' needs a setup made by load_setup: its worker processes load the "
+                              "same model from load_setup's arguments")
+        jobs = [(setup.load_args, run, n_edits, list(checkpoints), hparams_overrides, max_eval_cases, first_case)
+                for run in runs]
+        run_local(_run_in_worker, jobs, workers, setup.load_args["device"], progress,
+                  describe=lambda job: _setting(job[1]["editor"], job[1].get("regularizer", "none")))
     cases = setup.cases[first_case : first_case + n_edits]
     tables, skipped = [], []
     for run in runs:
@@ -212,6 +235,28 @@ def not_run(grid: pd.DataFrame) -> pd.DataFrame:
     batch_size and the reason (empty when every run ran)."""
     return pd.DataFrame(grid.attrs.get("not_run", []),
                         columns=["editor", "regularizer", "protocol", "batch_size", "reason"])
+
+
+_WORKER_SETUPS: dict[str, Setup] = {}  # a worker process loads each setup once, for all its runs
+
+
+def _run_in_worker(load_args: dict, run: dict, n_edits, checkpoints, hparams_overrides, max_eval_cases,
+                   first_case) -> str:
+    """One run of :func:`run_grid` in a worker process of the ``local`` executor: computed into the
+    run cache ("done"), or "not run" (the caller meets the same error when it reads the run back, and
+    reports it as :func:`run_grid` does)."""
+    from kelib.io import stable_hash
+
+    key = stable_hash(load_args)
+    if key not in _WORKER_SETUPS:
+        _WORKER_SETUPS[key] = load_setup(**load_args)
+    setup = _WORKER_SETUPS[key]
+    cases = setup.cases[first_case : first_case + n_edits]
+    try:
+        _run_one(setup, run, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases, progress=False)
+    except NOT_RUN_ERRORS:
+        return "not run"
+    return "done"
 
 
 def _setting(editor: str, regularizer: str) -> str:

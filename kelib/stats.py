@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from kelib.io import atomic_path, sha256_file, stable_hash
+from kelib.io import atomic_path, file_lock, sha256_file, stable_hash
 from kelib.models import capture, device_of, identity_fingerprint, module_name
 from kelib.paths import bundled, cache_dir
 
@@ -146,8 +146,14 @@ def second_moments(
 ) -> dict[int, torch.Tensor]:
     """C = E[k kᵀ] (``d_in x d_in``, float32 on the CPU) for each layer, from cache or computed.
 
-    Layers missing from the cache are computed together in one pass over the corpus.
+    Layers missing from the cache are computed together in one pass over the corpus, by one process
+    at a time (others wait, then read what it wrote).
     """
+    with file_lock(stats_path(model, layers[0], spec, part).parent / ".lock"):
+        return _second_moments(model, tok, layers, spec, part, progress)
+
+
+def _second_moments(model, tok, layers, spec: StatsSpec, part: str, progress: bool) -> dict[int, torch.Tensor]:
     result: dict[int, torch.Tensor] = {}
     missing = []
     for layer in layers:

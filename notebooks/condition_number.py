@@ -32,6 +32,8 @@ hparams: str = ""  # editors' hyperparameter set for a model given by a path (gp
 stats_corpus: str = ""  # text of the key statistics C0; empty: the editors hparams (Wikipedia for real models, as the papers); wikitext2 offline; or a folder of .txt files
 n_edits: int = 1000  # sequential edits per run
 checkpoints: list = [100, 250, 500, 750]  # intermediate evaluations
+executor: str = "inline"  # where runs compute: inline (one after another, here) or local (worker processes)
+workers: int = 0  # processes of the local executor; 0: one per CPU core (one per GPU on cuda)
 prune_alpha: str = "e"  # log base of PRUNE's F: e, 2, 1.5, 1.2 or linear
 runs: list = [
     {"editor": "ROME", "batch_size": 1},
@@ -58,7 +60,8 @@ runs_ = [{**r, "regularizer_params": {"alpha": alpha}} if r.get("regularizer") =
 setup = experiments.load_setup(model_name, dataset or None, device=device, dtype=dtype, ability_tasks=ability_tasks,
                                ability_limit=ability_limit, device_map=device_map, hparams=hparams,
                                stats_corpus=stats_corpus)
-grid = experiments.run_grid(setup, runs_, n_edits=n_edits, checkpoints=checkpoints)
+grid = experiments.run_grid(setup, runs_, n_edits=n_edits, checkpoints=checkpoints,
+                            executor=executor, workers=workers)
 plotting.save_table(experiments.not_run(grid), out_dir, "not_run")  # runs this model cannot run, and why
 grid["setting"] = grid.editor + np.where(grid.regularizer == "none", "", " + " + grid.regularizer)
 

@@ -36,6 +36,8 @@ hparams: str = ""  # editors' hyperparameter set for a model given by a path (gp
 stats_corpus: str = ""  # text of the key statistics C0; empty: the editors hparams (Wikipedia for real models, as the papers); wikitext2 offline; or a folder of .txt files
 n_edits: int = 1000  # sequential edits per run
 checkpoints: list = [100, 250, 500, 750]  # intermediate evaluations
+executor: str = "inline"  # where runs compute: inline (one after another, here) or local (worker processes)
+workers: int = 0  # processes of the local executor; 0: one per CPU core (one per GPU on cuda)
 runs: list = [  # D4S's baselines (ROME, MEMIT, PMET, GRACE, FT) and D4S itself
     {"editor": "ROME", "batch_size": 1},
     {"editor": "MEMIT", "batch_size": 1},
@@ -57,7 +59,8 @@ plotting.set_style()
 setup = experiments.load_setup(model_name, dataset or None, device=device, dtype=dtype, ability_tasks=ability_tasks,
                                ability_limit=ability_limit, device_map=device_map, hparams=hparams,
                                stats_corpus=stats_corpus)
-grid = experiments.run_grid(setup, runs, n_edits=n_edits, checkpoints=checkpoints)
+grid = experiments.run_grid(setup, runs, n_edits=n_edits, checkpoints=checkpoints,
+                            executor=executor, workers=workers)
 plotting.save_table(experiments.not_run(grid), out_dir, "not_run")  # runs this model cannot run, and why
 grid["setting"] = grid.editor + np.where(grid.regularizer == "none", "", " + " + grid.regularizer)
 

@@ -33,6 +33,8 @@ hparams: str = ""  # editors' hyperparameter set for a model given by a path (gp
 stats_corpus: str = ""  # text of the key statistics C0; empty: the editors hparams (Wikipedia for real models, as the papers); wikitext2 offline; or a folder of .txt files
 n_edits: int = 1000  # sequential edits per run
 checkpoints: list = [100, 250, 500, 750]  # intermediate evaluations (shared with the other notebooks' runs)
+executor: str = "inline"  # where runs compute: inline (one after another, here) or local (worker processes)
+workers: int = 0  # processes of the local executor; 0: one per CPU core (one per GPU on cuda)
 editors: list = ["ROME", "MEMIT"]
 regularizers: list = ["none", "RECT", "PRUNE", "D4S"]
 rect_k: float = 0.2  # RECT keeps the top k of entries by relative change (paper: 20%)
@@ -52,7 +54,8 @@ runs = [{"editor": e, "batch_size": 1, "regularizer": r, **({"regularizer_params
 setup = experiments.load_setup(model_name, dataset or None, device=device, dtype=dtype, ability_tasks=ability_tasks,
                                ability_limit=ability_limit, device_map=device_map, hparams=hparams,
                                stats_corpus=stats_corpus)
-grid = experiments.run_grid(setup, runs, n_edits=n_edits, checkpoints=checkpoints)
+grid = experiments.run_grid(setup, runs, n_edits=n_edits, checkpoints=checkpoints,
+                            executor=executor, workers=workers)
 plotting.save_table(experiments.not_run(grid), out_dir, "not_run")  # runs this model cannot run, and why
 
 # %%

@@ -33,6 +33,8 @@ hparams: str = ""  # editors' hyperparameter set for a model given by a path (gp
 stats_corpus: str = ""  # text of the key statistics C0; empty: the editors hparams (Wikipedia for real models, as the papers); wikitext2 offline; or a folder of .txt files
 n_edits: int = 100  # edits per run
 checkpoints: list = [10, 25, 50, 75]  # intermediate evaluations of the sequential runs
+executor: str = "inline"  # where runs compute: inline (one after another, here) or local (worker processes)
+workers: int = 0  # processes of the local executor; 0: one per CPU core (one per GPU on cuda)
 batch_size: int = 10  # cases per batch in batch-sequential runs
 runs: list = [  # editor x protocol, as in RECT's Table 1 (KN and ROME edit instances, MEND and MEMIT batches)
     {"editor": "KN", "protocol": "sequential", "batch_size": 1},
@@ -55,7 +57,8 @@ setup = experiments.load_setup(model_name, dataset or None, device=device, dtype
                                ability_limit=ability_limit, device_map=device_map, hparams=hparams,
                                stats_corpus=stats_corpus)
 runs_ = [{**r, "batch_size": r.get("batch_size", n_edits if r["protocol"] == "batch" else batch_size)} for r in runs]
-grid = experiments.run_grid(setup, runs_, n_edits=n_edits, checkpoints=checkpoints)
+grid = experiments.run_grid(setup, runs_, n_edits=n_edits, checkpoints=checkpoints,
+                            executor=executor, workers=workers)
 plotting.save_table(experiments.not_run(grid), out_dir, "not_run")  # runs this model cannot run, and why
 grid["setting"] = grid.editor + " " + grid.protocol.map({"sequential": "seq.", "batch": "batch", "single": "single"}) + " (b=" + grid.batch_size.astype(str) + ")"
 

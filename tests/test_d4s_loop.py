@@ -1,6 +1,5 @@
 """D4S's layer loop as in its code, its λ, and its state kept on the CPU (issue #15, items 4 and 5)."""
 
-import dataclasses
 
 import pytest
 import torch

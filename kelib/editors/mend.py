@@ -49,7 +49,7 @@ from torch import nn
 
 from kelib.config import to_dict
 from kelib.editors.base import EditError, EditResult, check_cases, model_key, register
-from kelib.io import stable_hash
+from kelib.io import file_lock, stable_hash
 from kelib.models import check_layer, device_of, edited_module, identity_fingerprint, weight_shape
 from kelib.paths import cache_dir
 from kelib.tokens import pad_batch, with_target
@@ -281,7 +281,9 @@ def load_mend(model, tok, hparams: MENDHyperParams, progress: bool = True) -> ME
             )
         from kelib.editors.mend_train import train_and_save
 
-        train_and_save(model, tok, hparams, progress=progress)
+        with file_lock(path.with_suffix(".lock")):  # one process trains it; others wait and load it
+            if not path.exists():
+                train_and_save(model, tok, hparams, progress=progress)
     device = device_of(model)
     key = (str(path), path.stat().st_mtime_ns, str(device))
     if key not in _LOADED:

@@ -1,0 +1,112 @@
+"""Where a grid's runs execute: here, one after another (``inline``), or in worker processes on this
+machine (``local``), each with its share of the CPU cores or one GPU of its own.
+
+An executor only *computes* runs: every run writes itself into kelib's run cache (``<cache>/runs/``,
+keyed by everything it depends on, written atomically, resumable), and the caller then reads the
+finished runs back in order (:func:`kelib.experiments.run_grid`). So the notebook's table is the same
+whichever executor made it, and an interrupted batch resumes from the cache whatever ran it.
+
+Why processes and not threads in one process: the default model's matrices are small (256 x 1024),
+so one run gains little from a second BLAS thread, while two runs side by side keep both cores busy.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import traceback
+from typing import Any, Callable, Sequence
+
+EXECUTORS = ("inline", "local")
+
+
+class ExecutorError(RuntimeError):
+    """A run failed in a worker process; the message carries the worker's traceback."""
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (the affinity mask, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def plan_workers(workers: int, n_jobs: int, device: str) -> tuple[int, list[str | None], int]:
+    """``(processes, GPU per process, torch threads per process)`` for ``n_jobs`` runs.
+
+    ``workers = 0`` means one process per GPU on ``cuda`` (every visible one), else one per core.
+    On the CPU the cores are shared out evenly; on ``cuda`` each process sees one GPU
+    (``CUDA_VISIBLE_DEVICES``)."""
+    if workers < 0:
+        raise ValueError(f"workers must be 0 (automatic) or more, got {workers}")
+    gpus: list[str | None] = [None]
+    if str(device).startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError("device is cuda but no GPU is visible")
+        gpus = [str(i) for i in range(count)]
+        workers = workers or count
+    else:
+        workers = workers or available_cores()
+    workers = max(1, min(workers, n_jobs))
+    per_process = [gpus[i % len(gpus)] for i in range(workers)]
+    threads = max(1, available_cores() // workers)
+    return workers, per_process, threads
+
+
+def _start_worker(slots, threads: int) -> None:
+    """Pool initializer: claim a GPU (or none) and a thread budget before torch starts using them."""
+    gpu = slots.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _call(work: Callable, args: tuple) -> tuple[str, Any]:
+    try:
+        return "ok", work(*args)
+    except BaseException:  # noqa: BLE001 (sent back whole: the parent decides)
+        return "error", traceback.format_exc()
+
+
+def run_local(work: Callable, jobs: Sequence[tuple], workers: int = 0, device: str = "cpu",
+              progress: bool = True, describe: Callable[[tuple], str] = str) -> list[Any]:
+    """``[work(*job) for job in jobs]`` in worker processes (spawned: nothing of this process's state,
+    e.g. a loaded model, is inherited), in the jobs' order. ``work`` must be a module-level function.
+
+    A job that raises makes this raise :class:`ExecutorError` with its traceback once every job has
+    finished (the others' results are in the cache by then)."""
+    from tqdm.auto import tqdm
+
+    if not jobs:
+        return []
+    n, gpus, threads = plan_workers(workers, len(jobs), device)
+    context = multiprocessing.get_context("spawn")
+    slots = context.Queue()
+    for gpu in gpus:
+        slots.put(gpu)
+    results: list[Any] = [None] * len(jobs)
+    failures = []
+    with concurrent.futures.ProcessPoolExecutor(n, mp_context=context, initializer=_start_worker,
+                                                initargs=(slots, threads)) as pool:
+        futures = {pool.submit(_call, work, job): i for i, job in enumerate(jobs)}
+        bar = tqdm(total=len(jobs), desc=f"runs ({n} processes)", unit="run", disable=not progress)
+        for future in concurrent.futures.as_completed(futures):
+            i = futures[future]
+            status, value = future.result()
+            if status == "ok":
+                results[i] = value
+            else:
+                failures.append(f"{describe(jobs[i])}:\n{value}")
+            bar.update(1)
+        bar.close()
+    if failures:
+        raise ExecutorError(f"{len(failures)} of {len(jobs)} run(s) failed in worker processes:\n\n"
+                            + "\n\n".join(failures))
+    return results

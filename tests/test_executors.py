@@ -1,0 +1,79 @@
+"""Executors: runs computed in worker processes land in the run cache and read back as inline runs do."""
+
+import os
+
+import pandas as pd
+import pytest
+
+from kelib import executors, experiments
+from kelib.config import ConfigError
+from kelib.executors import ExecutorError, plan_workers, run_local
+
+
+def pid_and(value):
+    if value == "fail":
+        raise RuntimeError("this job fails on purpose")
+    return os.getpid(), value
+
+
+def test_workers_share_the_cores_and_never_outnumber_the_jobs(monkeypatch):
+    monkeypatch.setattr(executors, "available_cores", lambda: 8)
+    assert plan_workers(0, 20, "cpu") == (8, [None] * 8, 1)
+    assert plan_workers(2, 20, "cpu") == (2, [None, None], 4)
+    assert plan_workers(0, 3, "cpu") == (3, [None] * 3, 2)
+    with pytest.raises(ValueError, match="workers"):
+        plan_workers(-1, 3, "cpu")
+
+
+def test_local_jobs_run_in_other_processes_in_order_and_failures_carry_their_traceback():
+    results = run_local(pid_and, [("a",), ("b",), ("c",)], workers=2, progress=False)
+    assert [value for _, value in results] == ["a", "b", "c"]
+    pids = {pid for pid, _ in results}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    with pytest.raises(ExecutorError, match=r"(?s)1 of 2 run\(s\) failed.*RuntimeError: this job fails on purpose"):
+        run_local(pid_and, [("ok",), ("fail",)], workers=2, progress=False)
+
+
+def fresh_cache(tmp_path, name, kelib_cache, monkeypatch):
+    """An empty run cache beside the session's built models and statistics."""
+    root = tmp_path / name
+    root.mkdir()
+    for shared in ("models", "stats"):
+        (kelib_cache / shared).mkdir(exist_ok=True)
+        (root / shared).symlink_to(kelib_cache / shared)
+    monkeypatch.setenv("KELIB_CACHE", str(root))
+    return root
+
+
+def test_a_grid_computed_by_workers_reads_back_as_the_inline_grid(micro_dir, kelib_cache, tmp_path, monkeypatch):
+    """Two runs on the micro model by two worker processes: this process computes nothing (its
+    runner is disabled) and reads back the table an inline grid computes from scratch."""
+    from kelib.runner import EditRun
+
+    runs = [{"editor": "ROME", "batch_size": 1}, {"editor": "MEMIT", "batch_size": 1, "regularizer": "RECT"}]
+    fresh_cache(tmp_path, "local", kelib_cache, monkeypatch)
+    setup = experiments.load_setup("kelib-micro")
+
+    def must_not_run(self):
+        raise AssertionError("the parent process computed a run")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EditRun, "_sequential", must_not_run)
+        by_workers = experiments.run_grid(setup, runs, n_edits=3, checkpoints=[1], executor="local", workers=2,
+                                          progress=False)
+    fresh_cache(tmp_path, "inline", kelib_cache, monkeypatch)
+    inline = experiments.run_grid(setup, runs, n_edits=3, checkpoints=[1], progress=False)
+    columns = ["editor", "regularizer", "checkpoint", "scope", "layer", "metric"]
+    a = by_workers.drop(columns="run_dir").sort_values(columns).reset_index(drop=True)
+    b = inline.drop(columns="run_dir").sort_values(columns).reset_index(drop=True)
+    assert len(a) == len(b) > 0 and set(a.editor) == {"ROME", "MEMIT"}
+    pd.testing.assert_frame_equal(a, b, rtol=1e-5)
+
+
+def test_unknown_executor_and_a_hand_made_setup_are_clear_errors(micro):
+    model, tok, cases = micro
+    setup = experiments.Setup("kelib-micro", model, tok, cases, {})
+    with pytest.raises(ConfigError, match="executor must be one of"):
+        experiments.run_grid(setup, [{"editor": "ROME"}], n_edits=1, executor="slurmm")
+    with pytest.raises(ConfigError, match="needs a setup made by load_setup"):
+        experiments.run_grid(setup, [{"editor": "ROME"}], n_edits=1, executor="local")
