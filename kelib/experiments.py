@@ -289,9 +289,23 @@ def fraction_kept(table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def final_weights(run_dir: str | Path) -> dict[int, torch.Tensor]:
-    """The edited layers' weights at the end of a finished sequential run."""
-    return torch.load(Path(run_dir) / "final_weights.pt", weights_only=True)
+def final_weights(run_dir: str | Path, device: str | torch.device | None = "cpu") -> dict[int, torch.Tensor]:
+    """The edited layers' weights at the end of a finished sequential run, on ``device`` (the run
+    saved them from the CPU; pass the model's device to combine them with its weights)."""
+    return torch.load(Path(run_dir) / "final_weights.pt", weights_only=True, map_location=device)
+
+
+def final_update(run_dir: str | Path, model, layer: int | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(layer, W_0, Δ)`` of a finished sequential run, in float32 on the model's device: W_0 from
+    ``model`` (unedited), Δ = W_n − W_0 with W_n from the run (``layer``: the last edited by default)."""
+    from kelib.models import get_weight, same_device
+
+    final = final_weights(run_dir)
+    layer = max(final) if layer is None else layer
+    w0 = get_weight(model, layer).detach().float()
+    wn = final[layer].to(w0.device)  # the layer's own device (a model sharded with device_map has several)
+    same_device(wn, w0, what=f"the run's final weights and the model's W_0 (layer {layer})")
+    return layer, w0, wn.float() - w0
 
 
 def fact_table(model, tok, case) -> pd.DataFrame:
