@@ -24,7 +24,7 @@ from typing import Iterator, Literal
 import torch
 
 from kelib.editors.base import EditError, EditResult
-from kelib.models import get_weight, set_weight
+from kelib.models import get_weight, same_device, set_weight
 from kelib.regularizers.base import Regularizer
 
 
@@ -45,6 +45,7 @@ class D4SState:
 
     def add(self, residual: torch.Tensor, keys: torch.Tensor) -> None:
         """Accumulate one step: ``residual [d_out, n]``, ``keys [d_in, n]``."""
+        same_device(residual, keys, self.a, what="D4S's residuals, keys and state")
         r, k = residual.to(self.a), keys.to(self.a)
         self.a += r @ k.T
         self.s += k @ k.T
@@ -97,7 +98,8 @@ class D4S(Regularizer):
             state = self.states[layer]
             state.add(result.residuals[layer], result.keys[layer])
             delta = state.solution(self.stats[layer], self.params.mom2_update_weight, 1.0 / (len(layers) - i))
-            target = self.originals[layer].float().to(delta.device) + delta
+            same_device(self.originals[layer], delta, what=f"D4S's W_0 and solution at layer {layer}")
+            target = self.originals[layer].float() + delta
             update[layer] = target - get_weight(model, layer, result.part).float()
         return update
 

@@ -36,7 +36,7 @@ from typing import Iterator, Literal, Union
 import torch
 
 from kelib.editors.base import EditResult
-from kelib.models import get_weight, set_weight
+from kelib.models import get_weight, same_device, set_weight
 from kelib.regularizers.base import Regularizer
 
 
@@ -134,7 +134,8 @@ class PRUNE(Regularizer):
         )
 
     def restrained_weight(self, layer: int, current: torch.Tensor) -> torch.Tensor:
-        w0 = self.originals[layer].float().to(current.device)
+        w0 = self.originals[layer].float()
+        same_device(w0, current, what=f"PRUNE's W_0 and the current W of layer {layer}")
         return w0 + restrain(current.float() - w0, self.bounds[layer], self.params.alpha)
 
     def transform(self, result: EditResult, model) -> dict[int, torch.Tensor]:
