@@ -133,12 +133,29 @@ def run_grid(
     printed, listed by :func:`not_run` (``grid.attrs["not_run"]``) and added to
     ``setup.description``, which every figure's caption shows; it has no rows, and the other runs
     go on. Any other error stops the grid.
+
+    Before the first run, every run is checked (:func:`kelib.preflight.editor_problems`: its
+    hyperparameters and layers, the regularizer, MEND trained for this model): those that cannot run
+    are printed at once and skipped, rather than found hours later when their turn comes.
     """
+    from kelib.preflight import editor_problems
+
     cases = setup.cases[first_case : first_case + n_edits]
     tables, skipped = [], []
+    blocked = editor_problems(setup.model, setup.model_name, runs, hparams_overrides)
+    if blocked:
+        print(f"Checked before the first run: {len(blocked)} setting(s) cannot run on {setup.model_name} "
+              "and are skipped:")
+        for setting, reason in blocked.items():
+            print(f"{setting} not run: {' '.join(reason.split())}")
     for run in runs:
         editor = run["editor"]
         regularizer = run.get("regularizer", "none")
+        reason = blocked.get(_setting(editor, regularizer))
+        if reason is not None:
+            skipped.append({"editor": editor, "regularizer": regularizer, "protocol": run.get("protocol", "sequential"),
+                            "batch_size": run.get("batch_size"), "reason": " ".join(reason.split())})
+            continue
         try:
             tables.append(_run_one(setup, run, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases,
                                    progress))

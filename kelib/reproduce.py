@@ -429,6 +429,7 @@ def reproduce(
     notebooks_dir: str | Path | None = None,
     progress_bar: bool | None = None,
     log: Callable[[str], None] | None = None,
+    preflight: bool = True,
 ) -> list[NotebookResult]:
     """Run every notebook with a YAML in ``variant_dir`` through papermill; return one result each.
 
@@ -443,6 +444,9 @@ def reproduce(
         notebooks_dir: where the notebook sources are (default ``notebooks/``).
         progress_bar: papermill's per-cell bar (default: when stderr is a terminal).
         log: receives one line per notebook (default: print to stdout).
+        preflight: first run :func:`kelib.preflight.check_variant` (config only, seconds) and log its
+            report: editors that cannot run, MEND untrained, statistics unreachable, the memory plan.
+            Its problems are reported, not fatal: the notebooks report such runs as not run.
 
     Every params file is validated before anything runs (``ParamsError``). A failing notebook is reported
     with its cell and the others still run.
@@ -460,6 +464,15 @@ def reproduce(
 
     # validate everything first: a typo in the last YAML must fail in seconds, not after hours
     plan = validate_variant(variant_dir, only, notebooks_dir)
+    if preflight:
+        from kelib.preflight import check_variant
+
+        try:
+            report = check_variant(variant_dir, only=only, notebooks_dir=notebooks_dir)
+            for line in report.format().splitlines():
+                log(f"preflight | {line}")
+        except Exception as err:  # noqa: BLE001 (the preflight informs; it must not stop a batch)
+            log(f"preflight | could not run: {type(err).__name__}: {err}")
 
     executable = kernel_executable(kernel_name)
     if os.path.abspath(executable) != os.path.abspath(sys.executable):

@@ -345,9 +345,15 @@ def neighbour_key_share(model, tok, cases, layer: int, c0: torch.Tensor) -> torc
     return (u * k_nb).sum(1) / (u * k).sum(1)
 
 
+def stats_spec_for(hparams) -> StatsSpec:
+    """The :class:`StatsSpec` of an editor's :class:`SecondMomentSettings` (the defaults without them)."""
+    settings = hparams if isinstance(hparams, SecondMomentSettings) else SecondMomentSettings()
+    return StatsSpec(corpus=settings.mom2_dataset, n_tokens=settings.mom2_n_tokens, dtype=settings.mom2_dtype)
+
+
 def statistics_for(model, tok, hparams, progress: bool = True) -> KeyStatistics:
     """The :class:`KeyStatistics` an editor's :class:`SecondMomentSettings` ask for; the defaults for
     editors without them (FT)."""
     settings = hparams if isinstance(hparams, SecondMomentSettings) else SecondMomentSettings()
-    spec = StatsSpec(corpus=settings.mom2_dataset, n_tokens=settings.mom2_n_tokens, dtype=settings.mom2_dtype)
-    return KeyStatistics(model, tok, spec, progress=progress, lookup_share=settings.mom2_lookup_share)
+    return KeyStatistics(model, tok, stats_spec_for(hparams), progress=progress,
+                         lookup_share=settings.mom2_lookup_share)
