@@ -25,9 +25,9 @@ import ast
 import dataclasses
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -298,7 +298,7 @@ def memory_plan(model, model_name: str, dtype: str, notebook_runs: dict[str, lis
     worst: tuple[int, list[MemoryLine]] = (0, [])
     stats_device, stats_cpu = 0, 0
     seen_stats: set = set()
-    for notebook, runs in notebook_runs.items():
+    for runs in notebook_runs.values():
         for run in runs:
             try:
                 hparams = load_hparams(run["editor"], model_name)
@@ -307,7 +307,7 @@ def memory_plan(model, model_name: str, dtype: str, notebook_runs: dict[str, lis
             try:
                 shapes = [(layer, part, tuple(get_weight(model, layer, part).shape))
                           for layer in hparams.layers for part in edited_parts(hparams)]
-            except Exception:  # noqa: BLE001 (reported by the editor checks)
+            except Exception:  # noqa: BLE001, S112 (reported by the editor checks)
                 continue
             numel = sum(a * b for _, _, (a, b) in shapes)
             extra = [MemoryLine(f"{_setting(run)}: W_0 copies of {len(shapes)} edited matrices (float32)",
