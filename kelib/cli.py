@@ -1,5 +1,5 @@
-"""Command line: ``kelib reproduce``, ``kelib list``, ``kelib check-notebooks``, ``kelib build-model``,
-``kelib train-mend``.
+"""Command line: ``kelib reproduce``, ``kelib check``, ``kelib list``, ``kelib check-notebooks``,
+``kelib build-model``, ``kelib train-mend``.
 
 Also ``python -m kelib ...``. Exit status: 0 on success, 1 when a notebook failed (or a check found
 problems), 2 when the batch could not start (bad params file, unknown notebook name).
@@ -41,6 +41,25 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="a parameter of every notebook that has it, over the params files "
                           "(VALUE read as YAML; repeatable), e.g. --set hparams=gpt2-xl")
+    rep.add_argument("--no-preflight", action="store_true",
+                     help="skip the preflight (kelib check) that runs before the first notebook")
+
+    pre = sub.add_parser(
+        "check",
+        help="preflight: hyperparameters, layers, MEND, statistics and a memory plan, from the config only",
+        description="Check, in seconds and without loading weights, that every editor the variant's notebooks "
+        "run has hyperparameters naming layers the model has, that MEND is trained where it is needed and "
+        "the key-statistics corpus is cached or reachable; print the memory plan against the device's memory. "
+        "Exit status 1 when a check fails or the plan does not fit.",
+    )
+    pre.add_argument("model", nargs="?", help="hub id, local path or embedded model (default: each notebook's "
+                     "model_name)")
+    pre.add_argument("--params", default="params/default", metavar="DIR",
+                     help="params variant folder (default: params/default)")
+    pre.add_argument("--device", help="device to plan for (default: the notebooks' device parameter)")
+    pre.add_argument("--dtype", help="model dtype to plan for: float32, bfloat16, float16 (default: the notebooks')")
+    pre.add_argument("--only", nargs="+", metavar="NAME", help="check only these notebooks")
+    pre.add_argument("--notebooks", metavar="DIR", help="notebook sources (default: notebooks/)")
 
     lst = sub.add_parser("list", help="notebooks with their parameters, and the params variants")
     lst.add_argument("--notebooks", metavar="DIR", help="notebook sources (default: notebooks/)")
@@ -83,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         return _reproduce(args)
     if args.command == "list":
         return _list(args)
+    if args.command == "check":
+        return _preflight(args)
     if args.command == "check-notebooks":
         return _check(args)
     if args.command == "build-model":
@@ -117,6 +138,20 @@ def _train_mend(args) -> int:
     return 0
 
 
+def _preflight(args) -> int:
+    from kelib.preflight import check_variant
+    from kelib.reproduce import ReproduceError
+
+    try:
+        report = check_variant(args.params, args.model, device=args.device, dtype=args.dtype, only=args.only,
+                               notebooks_dir=args.notebooks)
+    except ReproduceError as err:
+        print(f"kelib check: {err}", file=sys.stderr)
+        return 2
+    print(report.format())
+    return 0 if report.ok else 1
+
+
 def _reproduce(args) -> int:
     import yaml
 
@@ -142,6 +177,7 @@ def _reproduce(args) -> int:
             timeout_per_cell=args.timeout,
             notebooks_dir=args.notebooks,
             progress_bar=False if args.no_progress else None,
+            preflight=not args.no_preflight,
         )
     except ReproduceError as err:
         print(f"kelib reproduce: {err}", file=sys.stderr)

@@ -190,24 +190,40 @@ def run_grid(
     printed, listed by :func:`not_run` (``grid.attrs["not_run"]``) and added to
     ``setup.description``, which every figure's caption shows; it has no rows, and the other runs
     go on. Any other error stops the grid.
+
+    Before the first run, every run is checked (:func:`kelib.preflight.editor_problems`: its
+    hyperparameters and layers, the regularizer, MEND trained for this model): those that cannot run
+    are printed at once and skipped, rather than found hours later when their turn comes.
     """
     from kelib.executors import EXECUTORS, run_local
+    from kelib.preflight import editor_problems
 
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    cases = setup.cases[first_case : first_case + n_edits]
+    tables, skipped = [], []
+    blocked = editor_problems(setup.model, setup.model_name, runs, hparams_overrides)
+    if blocked:
+        print(f"Checked before the first run: {len(blocked)} setting(s) cannot run on {setup.model_name} "
+              "and are skipped:")
+        for setting, reason in blocked.items():
+            print(f"{setting} not run: {' '.join(reason.split())}")
     if executor == "local":
         if setup.load_args is None:
             raise ConfigError("executor 'local' needs a setup made by load_setup: its worker processes load the "
                               "same model from load_setup's arguments")
         jobs = [(setup.load_args, run, n_edits, list(checkpoints), hparams_overrides, max_eval_cases, first_case)
-                for run in runs]
+                for run in runs if _setting(run["editor"], run.get("regularizer", "none")) not in blocked]
         run_local(_run_in_worker, jobs, workers, setup.load_args["device"], progress,
                   describe=lambda job: _setting(job[1]["editor"], job[1].get("regularizer", "none")))
-    cases = setup.cases[first_case : first_case + n_edits]
-    tables, skipped = [], []
     for run in runs:
         editor = run["editor"]
         regularizer = run.get("regularizer", "none")
+        reason = blocked.get(_setting(editor, regularizer))
+        if reason is not None:
+            skipped.append({"editor": editor, "regularizer": regularizer, "protocol": run.get("protocol", "sequential"),
+                            "batch_size": run.get("batch_size"), "reason": " ".join(reason.split())})
+            continue
         try:
             tables.append(_run_one(setup, run, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases,
                                    progress))
@@ -387,9 +403,23 @@ def fraction_kept(table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def final_weights(run_dir: str | Path) -> dict[int, torch.Tensor]:
-    """The edited layers' weights at the end of a finished sequential run."""
-    return torch.load(Path(run_dir) / "final_weights.pt", weights_only=True)
+def final_weights(run_dir: str | Path, device: str | torch.device | None = "cpu") -> dict[int, torch.Tensor]:
+    """The edited layers' weights at the end of a finished sequential run, on ``device`` (the run
+    saved them from the CPU; pass the model's device to combine them with its weights)."""
+    return torch.load(Path(run_dir) / "final_weights.pt", weights_only=True, map_location=device)
+
+
+def final_update(run_dir: str | Path, model, layer: int | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(layer, W_0, Δ)`` of a finished sequential run, in float32 on the model's device: W_0 from
+    ``model`` (unedited), Δ = W_n − W_0 with W_n from the run (``layer``: the last edited by default)."""
+    from kelib.models import get_weight, same_device
+
+    final = final_weights(run_dir)
+    layer = max(final) if layer is None else layer
+    w0 = get_weight(model, layer).detach().float()
+    wn = final[layer].to(w0.device)  # the layer's own device (a model sharded with device_map has several)
+    same_device(wn, w0, what=f"the run's final weights and the model's W_0 (layer {layer})")
+    return layer, w0, wn.float() - w0
 
 
 def fact_table(model, tok, case) -> pd.DataFrame:

@@ -25,6 +25,10 @@ class ModelError(ValueError):
     """An unknown model or architecture, or a layer the model does not have."""
 
 
+class DeviceMismatchError(RuntimeError):
+    """Tensors that are about to be combined live on different devices (a bug, never a setting)."""
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Module names of one model family, relative to the model (``blocks``) or to a block."""
@@ -405,6 +409,26 @@ def patch_output(model, name: str, fn) -> Iterator[None]:
 
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def same_device(*tensors: torch.Tensor | None, what: str = "tensors") -> torch.device | None:
+    """The one device of ``tensors`` (``None`` entries skipped); :class:`DeviceMismatchError` if they
+    are on more than one.
+
+    Called at the seams where one component's tensors meet another's (editor → runner, regularizer →
+    runner, the tracer's inputs → the model), so a tensor left on the CPU next to a model on cuda is
+    reported there, by name, and the same check runs in the CPU-only tests (which put one side on the
+    ``meta`` device to stand in for an accelerator, ``tests/test_devices.py``). Torch's own error comes
+    later, from deep inside a forward pass, and only on a machine with the accelerator.
+    """
+    found = [t for t in tensors if t is not None]
+    devices = list(dict.fromkeys(str(t.device) for t in found))
+    if len(devices) > 1:
+        raise DeviceMismatchError(
+            f"{what} are on different devices ({', '.join(devices)}): move them to the model's device "
+            "(kelib.models.device_of(model)) before combining them"
+        )
+    return found[0].device if found else None
 
 
 _CHUNK = 1 << 20  # elements per block: bounds the float64 copy to 8 MB whatever the parameter size

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -283,10 +284,43 @@ def kernel_executable(kernel_name: str = "python3") -> str:
     return argv[0]
 
 
+@dataclass
+class Frame:
+    """One frame of an IPython traceback: ``where`` (``In[3]`` for a cell, else a file), the line
+    number and the code of the line that raised there (its ``---->`` line)."""
+
+    where: str
+    line: int
+    code: str
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_HEADER = re.compile(r"^(?:Cell (In\[\d+\]), line (\d+)|File (.+?):(\d+))")
+_ARROW = re.compile(r"^-+>\s*(\d+)\s?(.*)$")
+
+
+def traceback_frames(traceback: list[str]) -> list[Frame]:
+    """The frames of an IPython traceback as a kernel sends it (``ename``/``evalue``/``traceback`` of
+    an error; ANSI colours stripped), outermost first."""
+    frames = []
+    for entry in traceback:
+        text = _ANSI.sub("", str(entry)).splitlines()
+        header = _HEADER.match(text[0].strip()) if text else None
+        if header is None:
+            continue
+        cell, cell_line, path, path_line = header.groups()
+        code = next((m.group(2).strip() for m in map(_ARROW.match, (t.strip() for t in text[1:])) if m), "")
+        frames.append(Frame(cell or path, int(cell_line or path_line), code))
+    return frames
+
+
 def _failure_message(
     name: str, err: Exception, nb, param_cell: int, output: Path
 ) -> tuple[str, int | None]:
-    """``("<name>: cell N (In [k]) `first line` raised E: message", N)`` for a failed run."""
+    """``("<name>: cell N (In [k]) line L `the line that raised` raised E: message", N)`` for a failed run.
+
+    The line is the failing cell's line in the traceback (the call into kelib, say); when the error
+    came from deeper down, the innermost frame's file, line and code follow in brackets."""
     from papermill.exceptions import PapermillExecutionError
 
     def source_cell(executed_index: int) -> int:
@@ -299,9 +333,18 @@ def _failure_message(
     if isinstance(err, PapermillExecutionError):
         cell = source_cell(err.cell_index)
         evalue = str(err.evalue).strip().splitlines()[0] if str(err.evalue).strip() else ""
+        frames = traceback_frames(err.traceback or [])
+        mine = next((f for f in frames if f.where == f"In[{err.exec_count}]"), None)
+        if mine is None:  # no traceback to read (a kernel that sent none): the cell's first line
+            return (f"{name}: cell {cell} (In [{err.exec_count}]) `{first_line(err.source)}` "
+                    f"raised {err.ename}: {evalue}", cell)
+        lines = str(err.source).splitlines()
+        code = lines[mine.line - 1].strip() if 0 < mine.line <= len(lines) else mine.code
+        inner = frames[-1]
+        via = f" (raised in {inner.where}:{inner.line} `{inner.code}`)" if inner is not mine and inner.code else ""
         return (
-            f"{name}: cell {cell} (In [{err.exec_count}]) `{first_line(err.source)}` "
-            f"raised {err.ename}: {evalue}",
+            f"{name}: cell {cell} (In [{err.exec_count}]) line {mine.line} `{code}` "
+            f"raised {err.ename}: {evalue}{via}",
             cell,
         )
     # a timeout or a dead kernel: the last cell papermill started is the culprit
@@ -403,6 +446,7 @@ def reproduce(
     progress_bar: bool | None = None,
     log: Callable[[str], None] | None = None,
     overrides: dict[str, Any] | None = None,
+    preflight: bool = True,
 ) -> list[NotebookResult]:
     """Run every notebook with a YAML in ``variant_dir`` through papermill; return one result each.
 
@@ -419,6 +463,9 @@ def reproduce(
         log: receives one line per notebook (default: print to stdout).
         overrides: parameter values for every notebook that has the parameter, over the params files'
             (see :func:`validate_variant`); they are part of the inputs that decide a skip.
+        preflight: first run :func:`kelib.preflight.check_variant` (config only, seconds) and log its
+            report: editors that cannot run, MEND untrained, statistics unreachable, the memory plan.
+            Its problems are reported, not fatal: the notebooks report such runs as not run.
 
     Every params file is validated before anything runs (``ParamsError``). A failing notebook is reported
     with its cell and the others still run.
@@ -436,6 +483,15 @@ def reproduce(
 
     # validate everything first: a typo in the last YAML must fail in seconds, not after hours
     plan = validate_variant(variant_dir, only, notebooks_dir, overrides)
+    if preflight:
+        from kelib.preflight import check_variant
+
+        try:
+            report = check_variant(variant_dir, only=only, notebooks_dir=notebooks_dir)
+            for line in report.format().splitlines():
+                log(f"preflight | {line}")
+        except Exception as err:  # noqa: BLE001 (the preflight informs; it must not stop a batch)
+            log(f"preflight | could not run: {type(err).__name__}: {err}")
 
     executable = kernel_executable(kernel_name)
     if os.path.abspath(executable) != os.path.abspath(sys.executable):

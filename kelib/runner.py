@@ -55,7 +55,7 @@ from kelib.editors.base import EditError, edited_parts, get_editor
 from kelib.editors.context import pinned_templates
 from kelib.examples import Sample, examples_of
 from kelib.metrics import counterfact_scores, zsre_metrics
-from kelib.models import (check_layer, get_weight, keep_in_float32, release_float32, set_weight,
+from kelib.models import (check_layer, get_weight, keep_in_float32, release_float32, same_device, set_weight,
                           weights_fingerprint)
 from kelib.runstore import COLUMNS, RunStore, code_identity, editor_module, rng_state, seeded_rng, set_rng_state
 
@@ -274,12 +274,22 @@ class EditRun:
             result = self.editor.compute_update(
                 self.model, self.tok, batch, self.hparams, self.stats, state=self.editor_state
             )
+        self._check_devices(result.deltas, result.part, f"{self.spec.editor}'s update")
+        for part, deltas in result.other_parts.items():
+            self._check_devices(deltas, part, f"{self.spec.editor}'s {part} update")
         result.check_finite()
         update = self.regularizer.transform(result, self.model)
+        self._check_devices(update, result.part, f"the {self.regularizer.name} regularizer's update")
         for layer, delta in update.items():
             if not torch.isfinite(delta).all():
                 raise EditError(f"the {self.regularizer.name} update of layer {layer} is not finite")
         return update, result
+
+    def _check_devices(self, deltas: dict[int, torch.Tensor], part: str, what: str) -> None:
+        """An update must be on its matrix's device (the seam between editor, regularizer and runner):
+        a :class:`~kelib.models.DeviceMismatchError` names the component that left it elsewhere."""
+        for layer, delta in deltas.items():
+            same_device(delta, get_weight(self.model, layer, part), what=f"{what} of {part} at layer {layer} and W")
 
     def _apply(self, update: dict[int, torch.Tensor], result) -> None:
         for layer, delta in update.items():
@@ -297,7 +307,8 @@ class EditRun:
         measuring rounding. The runner keeps edited matrices in float32, so this guards against a
         path that bypasses it (a module converted back, a model loaded differently)."""
         w = get_weight(self.model, layer, part)
-        intended = delta.to(w.device).float()
+        same_device(delta, w, what=f"the update of {part} at layer {layer} and W")
+        intended = delta.float()
         wanted = w.float() + intended
         set_weight(self.model, layer, wanted, part)
         size = float(torch.linalg.norm(intended))

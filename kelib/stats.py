@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kelib.io import atomic_path, file_lock, sha256_file, stable_hash
-from kelib.models import capture, device_of, identity_fingerprint, module_name
+from kelib.models import capture, device_of, identity_fingerprint, module_name, same_device
 from kelib.paths import bundled, cache_dir
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,10 @@ def _second_moments(model, tok, layers, spec: StatsSpec, part: str, progress: bo
 def _compute(model, tok, layers, spec: StatsSpec, part: str, progress: bool) -> dict[int, torch.Tensor]:
     dtype = getattr(torch, spec.dtype)
     partial = {layer: stats_path(model, layer, spec, part).with_suffix(".partial.pt") for layer in layers}
-    state = _resume(partial, layers)
     device = device_of(model)
+    # K Kᵀ accumulates where the keys are (on a GPU: no d_in² copy per batch, no CPU additions); the
+    # sums reach the CPU once per checkpoint and once at the end
+    state = _resume(partial, layers, device)
     limit = float("inf") if spec.n_tokens is None else spec.n_tokens
     last_only = spec.corpus in LAST_TOKEN_CORPORA
     bar = tqdm(total=spec.n_tokens, initial=state["count"], desc=f"key statistics {layers}", unit="tok",
@@ -195,7 +197,10 @@ def _compute(model, tok, layers, spec: StatsSpec, part: str, progress: bool) -> 
             keep = torch.zeros_like(keep).scatter_(1, mask.sum(1, keepdim=True) - 1, True)
         for layer in layers:
             keys = rec[layer]["key"][keep].to(dtype)
-            state["sum"][layer] += (keys.T @ keys).cpu()
+            product = keys.T @ keys
+            if isinstance(state["sum"][layer], torch.Tensor):
+                same_device(state["sum"][layer], product, what=f"the key statistics of layer {layer} and its keys")
+            state["sum"][layer] += product
         n = int(keep.sum())
         state["count"] += n
         state["batches"] += 1
@@ -206,25 +211,32 @@ def _compute(model, tok, layers, spec: StatsSpec, part: str, progress: bool) -> 
     out = {}
     for layer in layers:
         final = stats_path(model, layer, spec, part)
+        total = _on_cpu(state["sum"][layer])
         with atomic_path(final) as tmp:
-            torch.save({"sum": state["sum"][layer], "count": state["count"]}, tmp)
+            torch.save({"sum": total, "count": state["count"]}, tmp)
         partial[layer].unlink(missing_ok=True)
-        out[layer] = (state["sum"][layer] / state["count"]).float()
+        out[layer] = (total / state["count"]).float()
     return out
 
 
-def _resume(partial: dict[int, Path], layers) -> dict:
+def _on_cpu(value):
+    return value.cpu() if isinstance(value, torch.Tensor) else value
+
+
+def _resume(partial: dict[int, Path], layers, device="cpu") -> dict:
     states = [torch.load(p) for p in partial.values() if p.exists()]
     if len(states) == len(layers) and len({(s["count"], s["batches"]) for s in states}) == 1:
         log.info("resuming key statistics from %d tokens", states[0]["count"])
-        return {"sum": {l: torch.load(partial[l])["sum"] for l in layers}, **{k: states[0][k] for k in ("count", "batches")}}
+        return {"sum": {l: torch.load(partial[l], map_location=device)["sum"] for l in layers},
+                **{k: states[0][k] for k in ("count", "batches")}}
     return {"sum": {l: 0 for l in layers}, "count": 0, "batches": 0}
 
 
 def _checkpoint(partial: dict[int, Path], state: dict) -> None:
     for layer, path in partial.items():
         with atomic_path(path) as tmp:
-            torch.save({"sum": state["sum"][layer], "count": state["count"], "batches": state["batches"]}, tmp)
+            torch.save({"sum": _on_cpu(state["sum"][layer]), "count": state["count"], "batches": state["batches"]},
+                       tmp)
 
 
 def _windows(tok, spec: StatsSpec, model=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -386,9 +398,15 @@ def neighbour_key_share(model, tok, cases, layer: int, c0: torch.Tensor) -> torc
     return (u * k_nb).sum(1) / (u * k).sum(1)
 
 
+def stats_spec_for(hparams) -> StatsSpec:
+    """The :class:`StatsSpec` of an editor's :class:`SecondMomentSettings` (the defaults without them)."""
+    settings = hparams if isinstance(hparams, SecondMomentSettings) else SecondMomentSettings()
+    return StatsSpec(corpus=settings.mom2_dataset, n_tokens=settings.mom2_n_tokens, dtype=settings.mom2_dtype)
+
+
 def statistics_for(model, tok, hparams, progress: bool = True) -> KeyStatistics:
     """The :class:`KeyStatistics` an editor's :class:`SecondMomentSettings` ask for; the defaults for
     editors without them (FT)."""
     settings = hparams if isinstance(hparams, SecondMomentSettings) else SecondMomentSettings()
-    spec = StatsSpec(corpus=settings.mom2_dataset, n_tokens=settings.mom2_n_tokens, dtype=settings.mom2_dtype)
-    return KeyStatistics(model, tok, spec, progress=progress, lookup_share=settings.mom2_lookup_share)
+    return KeyStatistics(model, tok, stats_spec_for(hparams), progress=progress,
+                         lookup_share=settings.mom2_lookup_share)

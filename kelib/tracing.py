@@ -19,7 +19,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from kelib.models import architecture, get_module, module_name, n_layers, patch_output
+from kelib.models import architecture, device_of, get_module, module_name, n_layers, patch_output, same_device
 from kelib.tokens import encode, with_target
 
 KIND_PART = {"block": "block", "mlp": "mlp", "attn": "attn_out"}
@@ -43,10 +43,12 @@ def trace_fact(
     if kind not in KIND_PART:
         raise ValueError(f"unknown kind {kind!r}; choose from {sorted(KIND_PART)}")
     full, start = with_target(tok, prompt, answer)
-    ids = torch.tensor(full[:start])[None]
+    device = device_of(model)
+    ids = torch.tensor(full[:start], device=device)[None]  # on the model's device (cuda: not the CPU)
     answer_id = full[start]
     first, last = _subject_range(tok, prompt, subject)
     embed = get_module(model, architecture(model).embed)
+    same_device(ids, embed.weight, what="causal tracing's token ids and the model's embedding")
     scale = noise if noise is not None else 3 * float(embed.weight.float().std())
     layers = n_layers(model)
     positions = ids.shape[1]
@@ -61,27 +63,29 @@ def trace_fact(
             stack.enter_context(patch_output(model, n, lambda h, n=n: _keep(clean_states, n, h)))
         clean = float(prob(model(input_ids=ids).logits))
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same noise on every device
     batch = ids.repeat(samples, 1)
-    noise_tensor = torch.randn(samples, last - first + 1, embed.weight.shape[1], generator=gen) * scale
+    noise_tensor = (torch.randn(samples, last - first + 1, embed.weight.shape[1], generator=gen) * scale).to(device)
 
     def corrupt(h):
         h = h.clone()
-        h[:, first : last + 1] += noise_tensor.to(h.dtype).to(h.device)
+        same_device(h, noise_tensor, what="causal tracing's noise and the embeddings")
+        h[:, first : last + 1] += noise_tensor.to(h.dtype)
         return h
 
     with patch_output(model, architecture(model).embed, corrupt):
         corrupted = float(prob(model(input_ids=batch).logits).mean())
-        effect = torch.zeros(positions, layers)
+        effect = torch.zeros(positions, layers)  # on the CPU: filled with Python floats
         for layer, name in enumerate(names):
             for pos in range(positions):
                 def restore(h, name=name, pos=pos):
                     h = h.clone()
+                    same_device(h, clean_states[name], what=f"the corrupted and clean states of {name}")
                     h[:, pos] = clean_states[name][:, pos]
                     return h
 
                 with patch_output(model, name, restore):
-                    effect[pos, layer] = prob(model(input_ids=batch).logits).mean()
+                    effect[pos, layer] = float(prob(model(input_ids=batch).logits).mean())
     tokens = [tok.decode([t]) for t in ids[0].tolist()]
     return Trace(tokens, (first, last), effect, clean, corrupted)
 

@@ -52,7 +52,6 @@ import torch
 
 from kelib import experiments, plotting, verdicts
 from kelib.diagnostics import singular_values
-from kelib.models import get_weight
 
 plotting.set_style()
 alpha = prune_alpha if prune_alpha in ("e", "linear") else float(prune_alpha)
@@ -93,10 +92,8 @@ for ax, editor in zip(axes, editors):
         rows = grid[(grid.editor == editor) & (grid.regularizer == regularizer)]
         if rows.empty:
             continue
-        final = experiments.final_weights(rows.run_dir.iloc[0])
-        layer = max(final)
-        w0 = get_weight(setup.model, layer).detach().float()
-        delta = final[layer].float() - w0
+        layer, w0, delta = experiments.final_update(rows.run_dir.iloc[0], setup.model)  # on the model's device
+        w0, delta = w0.cpu(), delta.cpu()  # the spectra are plotted from the CPU
         style = plotting.regularizer_style(regularizer)
         if regularizer == "none":
             ax.plot(singular_values(w0).numpy(), color="black", lw=1, label="W_0")

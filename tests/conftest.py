@@ -1,4 +1,11 @@
-"""Shared fixtures: offline environment, a temporary kelib cache, tiny random models of each family."""
+"""Shared fixtures: offline environment, a temporary kelib cache, tiny random models of each family.
+
+``KELIB_TEST_DEVICE`` (default ``cpu``; e.g. ``cuda``) is the device the model-building fixtures
+(``tiny_model``, ``tiny_gpt2``, ``micro``) put their models on, so the same tests exercise device
+placement on an accelerator: ``KELIB_TEST_DEVICE=cuda pytest tests/``. On the CPU, the seams where
+tensors meet are checked with ``kelib.models.same_device`` and the ``meta`` device stands in for a
+second device (``tests/test_devices.py``).
+"""
 
 from __future__ import annotations
 
@@ -40,8 +47,25 @@ def tiny_tokenizer():
     return train_bpe(TINY_TEXTS, vocab_size=400)
 
 
-def make_tiny_model(family: str, vocab_size: int, seed: int = 0):
-    """A randomly initialised causal LM of ``family`` small enough to run in milliseconds."""
+def kelib_test_device() -> str:
+    """The device the model fixtures use: ``KELIB_TEST_DEVICE`` (default ``cpu``)."""
+    return os.environ.get("KELIB_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def test_device():
+    """``torch.device`` of ``KELIB_TEST_DEVICE``; the session is skipped with a reason when it is not there."""
+    import torch
+
+    device = torch.device(kelib_test_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("KELIB_TEST_DEVICE=cuda but no CUDA device is available")
+    return device
+
+
+def make_tiny_model(family: str, vocab_size: int, seed: int = 0, device: str | None = None):
+    """A randomly initialised causal LM of ``family`` small enough to run in milliseconds, on ``device``
+    (default: ``KELIB_TEST_DEVICE``; weights drawn on the CPU, so every device gets the same ones)."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, LlamaConfig
 
@@ -66,18 +90,18 @@ def make_tiny_model(family: str, vocab_size: int, seed: int = 0):
         raise ValueError(family)
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
     model = AutoModelForCausalLM.from_config(config)
-    return model.eval().requires_grad_(False)
+    return model.to(device or kelib_test_device()).eval().requires_grad_(False)
 
 
 @pytest.fixture(params=["gpt2", "gptj", "llama"])
-def tiny_model(request, tiny_tokenizer):
-    """``(model, tokenizer)`` for each supported family, random weights."""
-    return make_tiny_model(request.param, len(tiny_tokenizer)), tiny_tokenizer
+def tiny_model(request, tiny_tokenizer, test_device):
+    """``(model, tokenizer)`` for each supported family, random weights, on the test device."""
+    return make_tiny_model(request.param, len(tiny_tokenizer), device=test_device), tiny_tokenizer
 
 
 @pytest.fixture
-def tiny_gpt2(tiny_tokenizer):
-    return make_tiny_model("gpt2", len(tiny_tokenizer)), tiny_tokenizer
+def tiny_gpt2(tiny_tokenizer, test_device):
+    return make_tiny_model("gpt2", len(tiny_tokenizer), device=test_device), tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -89,12 +113,12 @@ def micro_dir(kelib_cache):
 
 
 @pytest.fixture(scope="session")
-def micro(micro_dir):
-    """``(model, tokenizer, world cases)`` of the micro model, loaded like any local model."""
+def micro(micro_dir, test_device):
+    """``(model, tokenizer, world cases)`` of the micro model, loaded like any local model, on the test device."""
     from kelib.embedded import world_cases
     from kelib.models import load_model
 
-    model, tok = load_model(str(micro_dir))
+    model, tok = load_model(str(micro_dir), device=test_device)
     return model, tok, world_cases("micro")
 
 

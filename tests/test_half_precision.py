@@ -250,3 +250,36 @@ def test_a_float64_model_is_restored_exactly(tiny_tokenizer):
     state = model.state_dict()
     assert all(state[k].dtype == v.dtype and torch.equal(state[k], v) for k, v in state_before.items())
 
+
+
+def test_runs_that_cannot_run_are_reported_before_the_first_run(tiny_tokenizer, monkeypatch, tmp_path, capsys):
+    """Issue #21: an untrained MEND (and hyperparameters naming a layer the model lacks) are found
+    before the grid's first run starts, not when their turn comes."""
+    import dataclasses
+
+    from kelib import experiments
+    from kelib.editors import base
+
+    model = half_model("llama", torch.float16, tiny_tokenizer)
+    monkeypatch.setattr(experiments, "statistics_for", lambda model, tok, hparams, progress=True: IdentityStats(model))
+    monkeypatch.setattr(experiments, "cache_dir", lambda *parts: tmp_path.joinpath(*parts))
+    real_load = base.load_hparams
+
+    def load(method, model_name, overrides=None):  # KN's file names a layer the 3-layer model lacks
+        hp = real_load(method, model_name, overrides)
+        return dataclasses.replace(hp, layers=[7]) if method == "KN" else hp
+
+    monkeypatch.setattr("kelib.editors.load_hparams", load)
+    started = []
+    real_run_one = experiments._run_one
+    monkeypatch.setattr(experiments, "_run_one", lambda setup, run, *a: started.append(run["editor"]) or
+                        real_run_one(setup, run, *a))
+    setup = experiments.Setup("kelib-micro", model, tiny_tokenizer, CASES, {}, {})
+    grid = experiments.run_grid(setup, [{"editor": "FT"}, {"editor": "MEND"}, {"editor": "KN"}], n_edits=2,
+                                progress=False)
+    out = capsys.readouterr().out
+    header = out.index("Checked before the first run: 2 setting(s) cannot run")
+    assert header < out.index("MEND not run: ") and header < out.index("KN not run: ")
+    assert "layer 7 does not exist" in out
+    assert started == ["FT"]  # neither MEND nor KN was started
+    assert list(experiments.not_run(grid).editor) == ["MEND", "KN"]

@@ -171,3 +171,44 @@ def test_make_regularizer_checks_names_and_parameters():
         make_regularizer("L2")
     with pytest.raises(ValueError, match="unknown key"):
         make_regularizer("PRUNE", {"alpha": 2.0, "treshold": 1})
+
+
+def test_prune_restrains_iff_sigma_max_of_w0_is_at_least_one_over_ln_alpha():
+    """F(σ) ≤ σ for every σ ≥ σ̄ exactly when σ̄ ≥ 1/ln α (issue #21: the docstring's condition)."""
+    from kelib.regularizers.prune import raised_range
+
+    grid = torch.linspace(0, 6, 4001, dtype=torch.float64)
+    for alpha, log_alpha in [("e", 1.0), (2.0, math.log(2)), (1.2, math.log(1.2))]:
+        for bound in [0.3 / log_alpha, 0.9 / log_alpha, 1.0 / log_alpha, 1.5 / log_alpha]:
+            sigma = bound * torch.exp(grid)  # σ from σ̄ to e⁶ σ̄
+            raised = restrain_values(sigma, bound, alpha) > sigma + 1e-12
+            span = raised_range(bound, alpha)
+            assert bool(raised.any()) == (bound * log_alpha < 1 - 1e-12) == (span is not None), (alpha, bound)
+            if span is not None:  # exactly the values inside (σ̄, σ*) are raised
+                inside = (sigma > span[0] + 1e-9) & (sigma < span[1] - 1e-9)
+                near_edge = (sigma - span[1]).abs() < 1e-6 * span[1]
+                assert torch.equal(raised[~near_edge], inside[~near_edge])
+    assert raised_range(0.01, "linear") is None
+    # the issue's stand-in: σ̄ = 0.28, Δ's σmax 0.89 became 1.44
+    assert float(restrain_values(torch.tensor([0.89], dtype=torch.float64), 0.28, "e")) == pytest.approx(1.436, abs=1e-3)
+
+
+def test_prune_warns_at_run_start_when_it_would_raise_singular_values():
+    from kelib.regularizers.prune import PRUNEConditionWarning
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 24)
+    small = w / torch.linalg.svdvals(w)[0] * 0.28  # σmax(W_0) = 0.28 < 1 = 1/ln e
+    large = w / torch.linalg.svdvals(w)[0] * 1.5
+    prune = PRUNE(PRUNEParams(alpha="e"))
+    with pytest.warns(PRUNEConditionWarning, match=r"1/ln α = 1\b.*layer 3: σmax\(W_0\) = 0\.28, raised for σ in \(0\.28, "):
+        prune.start(None, {2: large, 3: small}, None)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune.start(None, {3: small}, None)  # once per regularizer (the runner restarts it per unit)
+        PRUNE(PRUNEParams(alpha="e")).start(None, {2: large}, None)
+        PRUNE(PRUNEParams(alpha="linear")).start(None, {3: small}, None)
+    with pytest.warns(PRUNEConditionWarning, match=r"1/ln α = 1\.44"):
+        PRUNE(PRUNEParams(alpha=2.0)).start(None, {2: large * 0.8}, None)  # σ̄ = 1.2 >= 1 but < 1/ln 2

@@ -76,7 +76,11 @@ def test_batch_runs_good_notebook_and_reports_failing_one(batch):
     assert fails.status == "failed" and not fails.ok
     assert fails.cell == 3
     assert fails.error.startswith("fails: cell 3 ")
-    assert "# this cell fails on purpose" in fails.error and "RuntimeError" in fails.error
+    # the line that raised, from the kernel's traceback, not the cell's first line (issue #21)
+    assert "line 7 `explode(z)` raised RuntimeError: fixture failure, value=2" in fails.error
+    assert f'(raised in In[{fails.error.split("(In [")[1].split("]")[0]}]:3 `raise RuntimeError(f"fixture failure, ' \
+           'value={value}")`)' in fails.error
+    assert "this cell fails on purpose" not in fails.error
     assert fails.output.exists()
     assert not (fails.out_dir / ".inputs.json").exists()
     progress = "\n".join(batch["lines"])
@@ -115,6 +119,33 @@ def test_library_changes_change_the_fingerprint(tmp_path):
     assert a["all"] != b["all"] and a["notebook"] == b["notebook"]
     # out_dir is not an input: the checkout may move without re-running everything
     assert rp._fingerprint(nb, {"x": 1, "out_dir": "/elsewhere"}, before)["all"] == a["all"]
+
+
+def test_failure_message_quotes_the_line_that_raised():
+    """The message from papermill's error (ename, evalue, the kernel's ANSI-coloured traceback)."""
+    from papermill.exceptions import PapermillExecutionError
+
+    traceback = [
+        "\x1b[31m-----\x1b[39m",
+        "\x1b[31mValueError\x1b[39m   Traceback (most recent call last)",
+        "\x1b[36mCell\x1b[39m\x1b[36m \x1b[39m\x1b[32mIn[5]\x1b[39m\x1b[32m, line 3\x1b[39m\n"
+        "\x1b[32m      1\x1b[39m import matplotlib.pyplot as plt\n\x1b[32m      2\x1b[39m x = 1\n"
+        "\x1b[32m----> \x1b[39m\x1b[32m3\x1b[39m grid = run(x)\n",
+        "\x1b[36mFile \x1b[39m\x1b[32m~/kelib/experiments.py:120\x1b[39m, in \x1b[36mrun\x1b[39m\x1b[34m(x)\x1b[39m\n"
+        "\x1b[32m    119\x1b[39m     y = 2\n\x1b[32m--> \x1b[39m\x1b[32m120\x1b[39m     raise ValueError('bad x')\n",
+        "\x1b[31mValueError\x1b[39m: bad x",
+    ]
+    source = "import matplotlib.pyplot as plt\nx = 1\ngrid = run(x)\n"
+    err = PapermillExecutionError(4, 5, source, "ValueError", "bad x", traceback)
+    message, cell = rp._failure_message("nb", err, None, 1, Path("unused"))
+    assert cell == 4  # the injected-parameters cell after the parameters cell is not counted
+    assert message == ("nb: cell 4 (In [5]) line 3 `grid = run(x)` raised ValueError: bad x "
+                       "(raised in ~/kelib/experiments.py:120 `raise ValueError('bad x')`)")
+    frames = rp.traceback_frames(traceback)
+    assert [(f.where, f.line) for f in frames] == [("In[5]", 3), ("~/kelib/experiments.py", 120)]
+    # no traceback to read: the cell's first line, as before
+    bare = PapermillExecutionError(4, 5, source, "ValueError", "bad x", [])
+    assert "`import matplotlib.pyplot as plt`" in rp._failure_message("nb", bare, None, 1, Path("u"))[0]
 
 
 def test_unknown_param_is_an_error_naming_file_and_key(tmp_path):

@@ -157,3 +157,43 @@ def test_lookup_share_shrinks_the_neighbour_leak(micro):
     own = [dataclasses.replace(c, neighborhood_prompts=(c.prompt,)) for c in cases[:5]]
     c = KeyStatistics(model, tok, spec, progress=False)[1]
     assert torch.allclose(stats.neighbour_key_share(model, tok, own, 1, c), torch.ones(5, dtype=torch.float64))
+
+
+def test_sums_stay_on_the_model_device_and_match_the_per_batch_cpu_sum(tiny_gpt2, monkeypatch, tmp_path):
+    """Issue #21: K Kᵀ accumulates where the keys are and is copied off once per checkpoint, not per
+    batch; on the CPU the sum is bit-identical to adding each batch's K Kᵀ in turn (the old code)."""
+    monkeypatch.setenv("KELIB_CACHE", str(tmp_path))
+    model, tok = tiny_gpt2
+    spec = StatsSpec(n_tokens=1500, max_length=16, batch_size=4, dtype="float64")  # about 25 batches
+    d_in = 4 * model.config.n_embd
+    copies = []
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *args, **kwargs):
+        if tuple(self.shape) == (d_in, d_in):
+            copies.append(self.dtype)
+        return real_cpu(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    c = stats.second_moments(model, tok, [0, 2], spec, progress=False)
+    monkeypatch.setattr(torch.Tensor, "cpu", real_cpu)
+    saved = {layer: torch.load(stats.stats_path(model, layer, spec)) for layer in (0, 2)}
+    n_batches = 0
+    reference = {0: 0, 2: 0}
+    count = 0
+    for ids, mask in stats._windows(tok, spec):
+        with torch.no_grad(), capture(model, [0, 2]) as rec:
+            model(input_ids=ids, attention_mask=mask)
+        for layer in (0, 2):
+            keys = rec[layer]["key"][mask.bool()].to(torch.float64)
+            reference[layer] = reference[layer] + keys.T @ keys
+        count += int(mask.sum())
+        n_batches += 1
+        if count >= spec.n_tokens:
+            break
+    assert n_batches > 20 and saved[0]["count"] == count
+    for layer in (0, 2):
+        assert torch.equal(saved[layer]["sum"], reference[layer])  # bit for bit
+        assert torch.equal(c[layer], (reference[layer] / count).float())
+    # one checkpoint (after batch 20) and the final save, per layer: 4 copies for 2 layers, not 2 per batch
+    assert len(copies) == 4, copies

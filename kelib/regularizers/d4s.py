@@ -36,7 +36,7 @@ import torch
 
 from kelib.editors.base import EditError, EditResult
 from kelib.editors.memit import layer_weights
-from kelib.models import device_of, get_weight, set_weight
+from kelib.models import device_of, get_weight, same_device, set_weight
 from kelib.regularizers.base import Regularizer
 
 DEFAULT_LAMBDA = 20000.0  # λ for an editor without mom2_update_weight (MEMIT's default in kelib)
@@ -68,6 +68,7 @@ class D4SState:
     def add(self, residual: torch.Tensor, keys: torch.Tensor) -> None:
         """Accumulate one step: ``residual [d_out, n]``, ``keys [d_in, n]`` (products formed where the
         inputs are, in the state's precision, then added to the state wherever it lives)."""
+        same_device(residual, keys, what="D4S's residuals and keys")
         r, k = residual.to(self.a.dtype), keys.to(self.a.dtype)
         self.a += (r @ k.T).to(self.a.device)
         self.s += (k @ k.T).to(self.s.device)

@@ -17,7 +17,7 @@ import torch
 
 from kelib.diagnostics import relative_change
 from kelib.editors.base import EditResult
-from kelib.models import get_weight
+from kelib.models import get_weight, same_device
 from kelib.regularizers.base import Regularizer
 
 
@@ -61,7 +61,9 @@ class RECT(Regularizer):
         super().__init__(params)
 
     def transform(self, result: EditResult, model) -> dict[int, torch.Tensor]:
-        return {
-            layer: rect(delta, get_weight(model, layer, result.part).float(), self.params.k)
-            for layer, delta in result.deltas.items()
-        }
+        update = {}
+        for layer, delta in result.deltas.items():
+            weight = get_weight(model, layer, result.part)
+            same_device(delta, weight, what=f"the update and W of layer {layer} (RECT)")
+            update[layer] = rect(delta, weight.float(), self.params.k)
+        return update
