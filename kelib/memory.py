@@ -82,11 +82,12 @@ def statistics_bytes(shapes: dict[int, tuple[int, int]]) -> int:
     return sum(d_in * d_in * FLOAT32 for _, d_in in shapes.values())
 
 
-def d4s_state_placement(params, model) -> tuple[torch.device, torch.dtype]:
-    """Where and in which precision D4S keeps A and S for these :class:`~kelib.regularizers.D4SParams`."""
+def d4s_state_placement(params, weights_device) -> tuple[torch.device, torch.dtype]:
+    """Where and in which precision D4S keeps A and S for these :class:`~kelib.regularizers.D4SParams`,
+    for edited weights on ``weights_device``."""
     on_cpu = params.state_device == "cpu"
     dtype = params.state_dtype or ("float32" if on_cpu else "float64")
-    return torch.device("cpu") if on_cpu else device_of(model), getattr(torch, dtype)
+    return torch.device("cpu") if on_cpu else torch.device(weights_device), getattr(torch, dtype)
 
 
 def run_plan(model, editor: str, layers: Sequence[int], regularizer: str = "none", regularizer_params=None,
@@ -113,7 +114,7 @@ def run_plan(model, editor: str, layers: Sequence[int], regularizer: str = "none
 
         params = regularizer_params if isinstance(regularizer_params, D4SParams) else from_dict(
             D4SParams, dict(regularizer_params or {}), where="regularizer D4S")
-        state_device, dtype = d4s_state_placement(params, model)
+        state_device, dtype = d4s_state_placement(params, device_of(model))
         plan.add(state_device, d4s_state_bytes(shapes, dtype),
                  f"D4S state A and S of {n} layer(s) ({str(dtype).removeprefix('torch.')})")
         d_out, d_in = max(shapes.values(), key=lambda s: s[1])

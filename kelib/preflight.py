@@ -230,6 +230,10 @@ def mend_problem(model, hparams) -> str | None:
         return None if _is_meta(model) else f"cannot locate MEND's trained network: {type(err).__name__}: {err}"
     if path.exists() or embedded_dir(model) is not None or _embedded_not_built(model):
         return None
+    if _is_meta(model) and any(path.parent.glob("*.pt")):
+        # the cache is keyed by the weights, which a config cannot show: a network trained for a model
+        # of this name is taken as found (the run itself checks the weights)
+        return None
     name = str(getattr(model.config, "_name_or_path", ""))
     return (f"MEND is not trained for {name!r} with these hyperparameters (no {path}): run "
             f"`kelib train-mend {name}` once (add --device cuda on a GPU)")
@@ -254,7 +258,12 @@ def statistics_status(model, hparams) -> tuple[bool, str] | None:
         return None
     spec = stats_spec_for(hparams)
     try:
-        cached = all(stats_path(model, layer, spec).exists() for layer in hparams.layers)
+        paths = [stats_path(model, layer, spec) for layer in hparams.layers]
+        cached = all(p.exists() for p in paths)
+        if not cached and _is_meta(model):
+            # keyed by the weights, which a config cannot show: statistics of these layers for a model
+            # of this name are taken as found (the run itself checks the weights)
+            cached = all(any(p.parent.glob(f"layer{layer}_mlp_out_*.pt")) for layer, p in zip(hparams.layers, paths))
     except Exception:  # noqa: BLE001 (a cache key that needs the weights: unknown from a config)
         cached = False
     if cached:
@@ -316,9 +325,14 @@ def memory_plan(model, model_name: str, dtype: str, notebook_runs: dict[str, lis
                 extra.append(MemoryLine(f"{_setting(run)}: edited matrices kept in float32", numel * (4 - BYTES[dtype]),
                                         "device"))
             if run.get("regularizer") == "D4S":
-                state = (run.get("regularizer_params") or {}).get("state_dtype", D4SParams.state_dtype)
+                from kelib.config import from_dict
+
+                d4s_params = from_dict(D4SParams, run.get("regularizer_params") or {}, where="D4S")
+                on_cpu = d4s_params.state_device == "cpu"
+                state = d4s_params.state_dtype or ("float32" if on_cpu else "float64")
                 d4s = sum((a * b + b * b) * BYTES[state] for _, part, (a, b) in shapes if part == "mlp_out")
-                extra.append(MemoryLine(f"{_setting(run)}: D4S state A and S ({state})", d4s, "device"))
+                extra.append(MemoryLine(f"{_setting(run)}: D4S state A and S ({state})", d4s,
+                                        "cpu" if on_cpu else "device"))
             total = sum(m.nbytes for m in extra)
             if total > worst[0]:
                 worst = (total, extra)

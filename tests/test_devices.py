@@ -101,7 +101,7 @@ def test_regularizers_refuse_w0_on_another_device():
         prune.restrained_weight(0, w)
     d4s = D4S()
     d4s.start(None, {0: w.to("meta")}, {0: torch.eye(12)})
-    with pytest.raises(DeviceMismatchError, match="D4S's residuals, keys and state"):
+    with pytest.raises(DeviceMismatchError, match="D4S's residuals, keys and W_0"):
         d4s.transform(EditResult({0: w}, keys={0: torch.randn(12, 2)}, residuals={0: torch.randn(8, 2)}), None)
 
     import sys

@@ -110,3 +110,31 @@ def test_gpt2_xl_variant_on_a_config_finds_untrained_mend_and_offline_wikipedia(
     assert "edited matrices kept in float32" in text
     if not __import__("torch").cuda.is_available():
         assert "free memory is unknown here" in text
+
+
+def test_caches_keyed_by_weights_are_found_by_the_models_name_from_a_config(monkeypatch, tmp_path):
+    """MEND's network and C0 are keyed by the weights, which a config cannot show: once a network
+    and statistics exist for a model of that name, the config-only check does not call them missing."""
+    from transformers import GPT2Config
+
+    from kelib.editors import load_hparams
+    from kelib.editors.mend import mend_path
+    from kelib.stats import stats_path, stats_spec_for
+
+    monkeypatch.setenv("KELIB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    config = GPT2Config(n_layer=48, n_embd=1600, n_head=25)
+    config._name_or_path = "gpt2-xl"
+    model = preflight.meta_model(config)
+    mend_hp, memit_hp = load_hparams("MEND", "gpt2-xl"), load_hparams("MEMIT", "gpt2-xl")
+    assert "MEND is not trained" in preflight.mend_problem(model, mend_hp)
+    assert preflight.statistics_status(model, memit_hp)[0] is False
+    # files as a run on the real weights would leave them: same folders, other weights' keys
+    trained = mend_path(model, mend_hp).with_name("0123456789ab.pt")
+    trained.parent.mkdir(parents=True, exist_ok=True)
+    trained.write_bytes(b"")
+    for layer in memit_hp.layers:
+        path = stats_path(model, layer, stats_spec_for(memit_hp))
+        path.with_name(f"layer{layer}_mlp_out_feedc0ffee.pt").write_bytes(b"")
+    assert preflight.mend_problem(model, mend_hp) is None
+    assert preflight.statistics_status(model, memit_hp)[0] is True

@@ -36,7 +36,7 @@ import torch
 
 from kelib.editors.base import EditError, EditResult
 from kelib.editors.memit import layer_weights
-from kelib.models import device_of, get_weight, same_device, set_weight
+from kelib.models import get_weight, same_device, set_weight
 from kelib.regularizers.base import Regularizer
 
 DEFAULT_LAMBDA = 20000.0  # λ for an editor without mom2_update_weight (MEMIT's default in kelib)
@@ -111,12 +111,13 @@ class D4S(Regularizer):
         from kelib.memory import MemoryPlan, check_plan, d4s_state_bytes, d4s_state_placement
 
         super().start(model, originals, stats)
-        device, dtype = d4s_state_placement(self.params, model)
+        weights_device = next(iter(originals.values())).device  # W_0 lives with the weights it came from
+        device, dtype = d4s_state_placement(self.params, weights_device)
         plan = MemoryPlan()
         shapes = {layer: tuple(w.shape) for layer, w in originals.items()}
         plan.add(device, d4s_state_bytes(shapes, dtype), f"D4S state ({str(dtype).removeprefix('torch.')})")
         check_plan(plan, "D4S", verbose=False)  # printed with the run's plan (kelib.memory.run_plan)
-        self.solve_device = device_of(model)
+        self.solve_device = weights_device
         self.states = {layer: D4SState(*w.shape, dtype=dtype, device=device) for layer, w in originals.items()}
 
     def editor_overrides(self) -> dict:
@@ -151,6 +152,7 @@ class D4S(Regularizer):
         for i, layer in enumerate(layers):
             state = self.states[layer]
             residual, keys = result.residuals[layer], result.keys[layer]
+            same_device(residual, keys, self.originals[layer], what="D4S's residuals, keys and W_0")
             pending = self._pending.pop(layer, None)
             if pending is not None and pending[0] is residual and pending[1] is keys:
                 delta = pending[2]  # solved in the editor's loop with this step added
