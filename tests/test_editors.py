@@ -190,3 +190,34 @@ def test_every_editor_has_hyperparameters_for_every_model(editor):
     for model in sorted(set(MODEL_KEYS.values()) | {"kelib-default", "kelib-micro"}):
         hp = load_hparams(editor, model)  # a missing or malformed file raises ConfigError
         assert hp.layers, (editor, model)
+
+
+def test_editor_modules_import_each_other_without_a_circle():
+    """Every ``kelib.editors`` module's imports of its siblings, deferred ones included, form no cycle
+    (MEND's editor and its trainer both import the network's module, not each other)."""
+    import ast
+    from pathlib import Path
+
+    import kelib.editors
+
+    folder = Path(kelib.editors.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kelib.editors."):
+                found.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.ImportFrom) and node.module == "kelib.editors":
+                found.update(alias.name for alias in node.names)
+        graph[path.stem] = found - {path.stem}
+    assert {"mend_net"} <= graph["mend"] and {"mend_net"} <= graph["mend_train"] and "mend_train" in graph["mend"]
+
+    def reach(start, seen):
+        for nxt in graph.get(start, ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                reach(nxt, seen)
+        return seen
+
+    circles = sorted(m for m in graph if m in reach(m, set()) and m != "__init__")
+    assert not circles, {m: sorted(graph[m]) for m in circles}

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from kelib.config import to_dict
 from kelib.data import EditCase, load_cases
 from kelib.editors.base import EditError
-from kelib.editors.mend import (
+from kelib.editors.mend_net import (
     MEND_VERSION,
     MENDHyperParams,
     MENDNet,
