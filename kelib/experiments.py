@@ -123,7 +123,13 @@ def run_grid(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run each of ``runs`` (dicts with ``editor`` and optionally ``regularizer``,
-    ``regularizer_params``, ``protocol``, ``batch_size``) on ``n_edits`` cases, cached and resumable.
+    ``regularizer_params``, ``protocol``, ``batch_size``, ``overrides`` and ``label``) on ``n_edits``
+    cases, cached and resumable.
+
+    ``overrides`` changes the editor's hyperparameters for this run only (on top of
+    ``hparams_overrides[editor]``), e.g. ``{"original_key_use": False}``; ``label`` then names the run
+    in the table's ``editor`` column (``"ROME (corrected keys)"``), so that it is told apart from the
+    editor's plain run (its first word should stay the editor's name: figures colour by it).
 
     Returns the runs' tidy tables stacked, with the run's settings as extra columns.
 
@@ -137,7 +143,7 @@ def run_grid(
     cases = setup.cases[first_case : first_case + n_edits]
     tables, skipped = [], []
     for run in runs:
-        editor = run["editor"]
+        editor = run.get("label", run["editor"])
         regularizer = run.get("regularizer", "none")
         try:
             tables.append(_run_one(setup, run, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases,
@@ -156,6 +162,8 @@ def run_grid(
             f"{_setting(s['editor'], s['regularizer'])} ({_short(s['reason'])})" for s in skipped)
     return grid
 
+
+RUN_KEYS = {"editor", "regularizer", "regularizer_params", "protocol", "batch_size", "overrides", "label"}
 
 # Errors that mean "this run cannot run on this model", as opposed to a bug (see :func:`run_grid`).
 NOT_RUN_ERRORS = (EditError, ConfigError, ModelError)
@@ -184,7 +192,11 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
     from kelib.runner import EditRun
 
     editor = run["editor"]
-    hparams = load_hparams(editor, setup.model_name, (hparams_overrides or {}).get(editor))
+    unknown = sorted(set(run) - RUN_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in run {run}; a run takes {sorted(RUN_KEYS)}")
+    overrides = {**((hparams_overrides or {}).get(editor) or {}), **(run.get("overrides") or {})}
+    hparams = load_hparams(editor, setup.model_name, overrides or None)
     regularizer = run.get("regularizer", "none")
     params = dict(run.get("regularizer_params") or {})
     if regularizer == "D4S":  # D4S solves MEMIT's system: same λ as the editor
@@ -212,7 +224,7 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
         table = edit_run.run()
     finally:
         edit_run.restore()
-    return table.assign(editor=editor, regularizer=regularizer, protocol=spec.protocol,
+    return table.assign(editor=run.get("label", editor), regularizer=regularizer, protocol=spec.protocol,
                         batch_size=spec.batch_size, run_dir=str(out_dir))
 
 

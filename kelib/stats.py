@@ -59,6 +59,7 @@ class StatsSpec:
     corpus: str = "wikitext2"
     n_tokens: int | None = 100_000  # key vectors accumulated per layer; None: the whole corpus
     max_length: int = 128  # tokens per text window
+    n_texts: int | None = None  # ROME/MEMIT's count: this many texts, each cut to its first max_length
     batch_size: int = 16
     dtype: str = "float32"  # accumulation precision; float64 for very small models is cheap
 
@@ -67,6 +68,8 @@ class StatsSpec:
             raise ValueError(f"unknown corpus {self.corpus!r}; choose from {sorted(CORPORA)}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"stats dtype must be float32 or float64, got {self.dtype!r}")
+        if self.n_texts is not None and self.n_tokens is not None:
+            raise ValueError("count texts (n_texts) or tokens (n_tokens), not both: set n_tokens=None")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +78,10 @@ class SecondMomentSettings:
 
     mom2_dataset: str = "wikitext2"  # a key of CORPORA
     mom2_n_tokens: int = 100_000  # key vectors (tokens) in C; ROME counted 100k Wikipedia articles
+    # ROME/MEMIT's own count (their mom2_n_samples): this many texts, each cut to its first
+    # mom2_max_length tokens (the model's context: 1,024 GPT-2, 2,048 GPT-J); replaces mom2_n_tokens
+    mom2_n_samples: int | None = None
+    mom2_max_length: int = 128  # tokens per text window
     mom2_dtype: str = "float32"
     mom2_lookup_share: float = 0.0  # ρ: share of C0 from keys at the lookup positions (embedded models)
 
@@ -101,6 +108,8 @@ def stats_path(model, layer: int, spec: StatsSpec, part: str = "mlp_out") -> Pat
         "max_length": spec.max_length,
         "dtype": spec.dtype,
     }
+    if spec.n_texts is not None:  # absent otherwise, so caches written before it keep their names
+        key["n_texts"] = spec.n_texts
     return cache_dir("stats", model_id(model)) / f"layer{layer}_{part}_{stable_hash(key)}.pt"
 
 
@@ -189,9 +198,13 @@ def _windows(tok, spec: StatsSpec, model=None) -> Iterator[tuple[torch.Tensor, t
 
     batch: list[list[int]] = []
     shortest = 1 if spec.corpus in LAST_TOKEN_CORPORA else 8
-    for text in _texts(spec.corpus, model):
+    for n, text in enumerate(_texts(spec.corpus, model)):
+        if spec.n_texts is not None and n == spec.n_texts:
+            break
         ids = tok(text)["input_ids"]
-        for lo in range(0, len(ids), spec.max_length):
+        # ROME/MEMIT's layer_stats truncates each text to its first window; kelib's token count reads them all
+        stop = spec.max_length if spec.n_texts is not None else len(ids)
+        for lo in range(0, min(len(ids), stop), spec.max_length):
             window = ids[lo : lo + spec.max_length]
             if len(window) >= shortest:
                 batch.append(window)
@@ -337,5 +350,7 @@ def statistics_for(model, tok, hparams, progress: bool = True) -> KeyStatistics:
     """The :class:`KeyStatistics` an editor's :class:`SecondMomentSettings` ask for; the defaults for
     editors without them (FT)."""
     settings = hparams if isinstance(hparams, SecondMomentSettings) else SecondMomentSettings()
-    spec = StatsSpec(corpus=settings.mom2_dataset, n_tokens=settings.mom2_n_tokens, dtype=settings.mom2_dtype)
+    texts = settings.mom2_n_samples
+    spec = StatsSpec(corpus=settings.mom2_dataset, n_tokens=None if texts else settings.mom2_n_tokens,
+                     n_texts=texts, max_length=settings.mom2_max_length, dtype=settings.mom2_dtype)
     return KeyStatistics(model, tok, spec, progress=progress, lookup_share=settings.mom2_lookup_share)
