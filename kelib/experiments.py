@@ -69,7 +69,8 @@ def load_setup(
 
     Embedded models edit the facts of their own world (``dataset=None``) and measure abilities with
     their skills and unedited facts. Other models edit ``dataset`` (e.g. ``counterfact_edit``, ``zsre``)
-    and measure abilities with lm-eval on ``ability_tasks`` (e.g. ``["rect"]``) at ``ability_limit``.
+    and measure abilities with lm-eval on ``ability_tasks`` (e.g. ``["rect"]``) at ``ability_limit``;
+    ``"<dataset>:known"`` keeps the cases the model answers top-1 before editing (:mod:`kelib.known`).
     """
     from kelib.models import load_model
 
@@ -84,14 +85,25 @@ def load_setup(
         dataset = "world of the embedded model"
     else:
         from kelib.data import load_cases
+        from kelib.known import known_cases, split_known
 
         if dataset is None:
             raise ValueError(f"{model_name} has no world of its own: name a dataset (e.g. counterfact_edit)")
-        cases = load_cases(dataset)
+        base, known_only = split_known(dataset)
+        cases = load_cases(base)
+        if known_only:  # the facts the model answers top-1 before editing (kelib.known)
+            cases = known_cases(model, tok, cases, base)
     if ability_tasks:
         evaluators["tasks"] = lm_eval_evaluator(list(ability_tasks), ability_limit, model_name)
-    description = {"model": model_name, "data": dataset, "device": device, "dtype": dtype}
+    description = {"model": model_name, "data": dataset, "device": _device_name(device), "dtype": dtype}
     return Setup(model_name, model, tok, cases, evaluators, description)
+
+
+def _device_name(device: str) -> str:
+    """``cuda (NVIDIA H200)`` for a GPU, so that a figure's caption names the hardware; else ``device``."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return str(device)
 
 
 def lm_eval_evaluator(tasks: list[str], limit: int | None, model_name: str):

@@ -35,7 +35,7 @@ def _runs(variant, notebook):
     return yaml.safe_load((REPO_DIR / "params" / variant / f"{notebook}.yaml").read_text())["runs"]
 
 
-@pytest.mark.parametrize("variant", sorted(PAPER_MODELS))
+@pytest.mark.parametrize("variant", [*sorted(PAPER_MODELS), "smollm2-135m"])
 @pytest.mark.parametrize("notebook", ["l1_norm_explosion", "condition_number"])
 def test_l1_and_kappa_params_compare_the_corrected_key_use(variant, notebook):
     runs = _runs(variant, notebook)
