@@ -64,8 +64,8 @@ table
 effects = average_effects(setup.model, setup.tok, setup.cases[:trace_facts], kind="block", samples=4)
 grid = effects.pivot_table(index="bucket", columns="layer", values="effect")
 order = [b for b in ["before subject", "subject other", "subject last", "after subject", "prompt last"] if b in grid.index]
-fig, ax = plt.subplots(figsize=(5.5, 3.0))
-sns.heatmap(grid.loc[order], annot=True, fmt=".2f", cmap="Purples", ax=ax, cbar_kws={"label": "restored P − corrupted P"})
+fig, ax = plt.subplots(figsize=(max(5.5, 0.3 * grid.shape[1]), 3.0))  # numbers in the cells up to 12 layers
+sns.heatmap(grid.loc[order], annot=grid.shape[1] <= 12, fmt=".2f", cmap="Purples", ax=ax, cbar_kws={"label": "restored P − corrupted P"})
 ax.set_xlabel("after block (layer)")
 ax.set_ylabel("token position")
 ax.set_title(f"Causal tracing on {model_name} ({trace_facts} facts)")
