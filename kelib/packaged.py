@@ -76,6 +76,16 @@ def available(name: str) -> bool:
     return True
 
 
+def packaged_name(path: str | Path) -> str | None:
+    """The packaged model (``"smollm2-135m"``) whose cached folder ``path`` is; None for any other path."""
+    marker = Path(path) / "gguf.json"
+    if not marker.is_file():
+        return None
+    import json
+
+    return json.loads(marker.read_text()).get("model")
+
+
 def ensure_packaged(name: str) -> Path:
     """A transformers folder (float32 safetensors + tokenizer) of packaged model ``name``,
     converted from its GGUF file on first use and cached (see the module docstring)."""

@@ -40,3 +40,11 @@ def test_a_missing_wheel_names_the_install_command(monkeypatch):
     assert not packaged.available("fake-model")
     with pytest.raises(packaged.PackagedModelError, match="unknown packaged model"):
         packaged.ensure_packaged("gpt-5")
+
+
+def test_a_packaged_models_cache_folder_is_named_by_its_marker(tmp_path):
+    from kelib.io import write_json
+
+    assert packaged.packaged_name(tmp_path) is None
+    write_json(tmp_path / "gguf.json", {"model": "smollm2-135m"})
+    assert packaged.packaged_name(tmp_path) == "smollm2-135m"

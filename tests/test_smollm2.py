@@ -45,6 +45,7 @@ def test_loads_by_name_as_a_30_layer_llama_and_knows_facts(smollm2):
     assert time.time() - started < 15
     assert "counterfact/0" in {c.case_id for c in cases}  # Danielle Darrieux's mother tongue: French
     assert len(cases) >= 5  # 385 of counterfact_edit's 10,000 are known (kelib/known.py)
+    assert packaged.packaged_name(model.config._name_or_path) == "smollm2-135m"
 
 
 def _hparams(editor):
