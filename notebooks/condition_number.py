@@ -83,7 +83,7 @@ plotting.save_figure(fig, out_dir, "condition_number_vs_edits")
 
 # %%
 # The spectra of W_0, Δ and W_0 + Δ after the last edit, for each editor with and without PRUNE.
-editors = list(dict.fromkeys(r["editor"] for r in runs))
+editors = list(dict.fromkeys(r.get("label", r["editor"]) for r in runs))  # a labelled run gets its own panel
 fig, axes = plt.subplots(1, len(editors), figsize=(4.5 * len(editors), 3.2), sharey=True, squeeze=False)
 axes = axes[0]
 bounds = {}
