@@ -476,8 +476,15 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
             weighted = torch.zeros((), dtype=torch.float64, device=device)
             for k, start in enumerate(range(0, flat.numel(), _CHUNK)):
                 block = flat[start : start + _CHUNK].to(device=device, dtype=torch.float64)
-                total += block.sum()
-                weighted += (block @ probe[: block.numel()]) * (1 + (k * _GOLDEN) % 1)
+                if device.type == "cpu":
+                    # numpy's pairwise sums do not depend on the thread count, as torch's parallel
+                    # reductions do: a worker process with one thread must get its parent's key
+                    values = block.numpy()
+                    total += float(values.sum())
+                    weighted += float((values * probe[: block.numel()].numpy()).sum()) * (1 + (k * _GOLDEN) % 1)
+                else:
+                    total += block.sum()
+                    weighted += (block @ probe[: block.numel()]) * (1 + (k * _GOLDEN) % 1)
             line = f"{name}|{param.dtype}|{tuple(param.shape)}|{total.item()!r}|{weighted.item()!r}\n"
             digest.update(line.encode())
     return digest.hexdigest()[:16]

@@ -112,3 +112,26 @@ def test_load_model_from_a_local_path(tmp_path, tiny_gpt2):
     assert not loaded.training
     assert loaded_tok.pad_token is not None
     assert torch.equal(models.get_weight(loaded, 2), models.get_weight(model, 2))
+
+
+def test_weights_fingerprint_does_not_depend_on_the_thread_count():
+    """A worker process running with one thread (kelib.executors) must name the model as its parent
+    with two does, or it would compute runs the parent never finds."""
+    import torch
+
+    from kelib.models import weights_fingerprint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1500, 1500), torch.nn.Linear(1500, 700))  # blocks of 2^20 and less
+    threads = torch.get_num_threads()
+    try:
+        found = set()
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            found.add(weights_fingerprint(model))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(found) == 1
+    with torch.no_grad():
+        model[0].weight[3, 7] += 1e-6
+    assert weights_fingerprint(model) not in found
