@@ -238,25 +238,35 @@ def test_outside_a_front_end_explore_costs_nothing():
     assert out.stdout.strip() == "[]"
 
 
-def test_a_real_kernel_tells_a_front_end_from_nbclient():
-    """The signal explore() reads, in a real ipykernel: JupyterLab's execute requests allow stdin,
-    papermill's (nbclient's) do not."""
+def test_a_real_kernel_shows_the_panel_to_a_front_end_and_nothing_to_nbclient():
+    """In a real ipykernel: JupyterLab's execute requests allow stdin, papermill's (nbclient's) do
+    not; the first get the panel (a widget view), the second no output at all."""
     import os
 
     from jupyter_client.manager import start_new_kernel
 
+    grid = synthetic_grid().to_json()
     km, kc = start_new_kernel(kernel_name="python3", env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        def ask(allow_stdin: bool) -> str:
-            out = []
-            kc.execute_interactive("import os; os.environ.pop('KELIB_EXPLORE', None); "
-                                   "from kelib.explore import interactive; print(interactive())",
-                                   allow_stdin=allow_stdin, timeout=60,
-                                   output_hook=lambda msg: out.append(msg["content"].get("text", "")))
-            return "".join(out).strip()
+        def run(allow_stdin: bool) -> list[dict]:
+            outputs = []
+            reply = kc.execute_interactive(
+                "import io, os; import pandas as pd; os.environ.pop('KELIB_EXPLORE', None)\n"
+                "from kelib.explore import explore, interactive\n"
+                f"grid = pd.read_json(io.StringIO({grid!r}))\n"
+                "print(interactive())\n"
+                "explore(grid, metric='l1')",
+                allow_stdin=allow_stdin, timeout=120,
+                output_hook=lambda msg: outputs.append(msg) if msg["msg_type"] in (
+                    "stream", "display_data", "execute_result", "error") else None)
+            assert reply["content"]["status"] == "ok", reply["content"]
+            return outputs
 
-        assert ask(allow_stdin=True) == "True"
-        assert ask(allow_stdin=False) == "False"
+        shown = run(allow_stdin=True)
+        assert shown[0]["content"]["text"].strip() == "True"
+        assert any("application/vnd.jupyter.widget-view+json" in m["content"].get("data", {}) for m in shown[1:])
+        batch = run(allow_stdin=False)
+        assert [m["content"].get("text", "").strip() for m in batch] == ["False"]  # and nothing else
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
