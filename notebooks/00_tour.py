@@ -125,7 +125,7 @@ numbers
 # recomputed, nothing is written. "Reproduce this view" prints the `kelib reproduce --only <notebook>
 # --set ...` command (and a papermill one) that re-runs the notebook on the runs and edits in view.
 # Here it is on a small grid: this editor with and without PRUNE, 20 sequential edits (in JupyterLab
-# the cell runs them first, a minute or so, then reads them from the run cache). Try the condition
+# the cell runs them the first time, then reads them from the run cache). Try the condition
 # number, relative to the unedited model, with and without PRUNE. Under papermill (the batch) the
 # cell runs nothing and shows nothing: `explore` returns `None` when no front end can show widgets
 # (`kelib/explore.py` says how it tells).
