@@ -244,7 +244,8 @@ def view_overrides(view: View, params: Mapping[str, Any]) -> dict[str, Any]:
     if view.checkpoints is not None and isinstance(n_edits, int) and view.checkpoints[1] < n_edits:
         last = int(view.checkpoints[1])
         out["n_edits"] = last
-        out["checkpoints"] = [c for c in params.get("checkpoints") or [] if c < last]
+        if isinstance(params.get("checkpoints"), list):
+            out["checkpoints"] = [c for c in params["checkpoints"] if c < last]
     return out
 
 
@@ -271,7 +272,8 @@ def commands(notebook: str, variant: str, overrides: Mapping[str, Any], view: Vi
                  f"--cwd notebooks -f {params_file} -p out_dir ../runs/explore/{notebook}"
                  + (f" -y {shlex.quote(yaml_text)}" if overrides else ""))
     return "\n".join([
-        f"# re-run these runs (cached runs are read back, not recomputed); writes figures/{variant}/{notebook}/",
+        f"# re-run the notebook on these runs (runs in the run cache are read back; a shorter range of edits is "
+        f"a new run); writes figures/{variant}/{notebook}/",
         f"kelib reproduce --params params/{variant} --only {notebook} --force {sets}".rstrip(),
         "# or, leaving the batch's figures alone, into runs/explore/ (git ignores it):",
         papermill,
