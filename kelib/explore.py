@@ -272,8 +272,8 @@ def commands(notebook: str, variant: str, overrides: Mapping[str, Any], view: Vi
                  f"--cwd notebooks -f {params_file} -p out_dir ../runs/explore/{notebook}"
                  + (f" -y {shlex.quote(yaml_text)}" if overrides else ""))
     return "\n".join([
-        f"# re-run the notebook on these runs (runs in the run cache are read back; a shorter range of edits is "
-        f"a new run); writes figures/{variant}/{notebook}/",
+        (f"# re-run the notebook on these runs (runs in the run cache are read back; a shorter range of edits "
+         f"is a new run); writes figures/{variant}/{notebook}/"),
         f"kelib reproduce --params params/{variant} --only {notebook} --force {sets}".rstrip(),
         "# or, leaving the batch's figures alone, into runs/explore/ (git ignores it):",
         papermill,
