@@ -129,3 +129,23 @@ numbers
 # half as much. So its ROME edits layer 5, where the GPT-J and LLaMA settings edit too; on GPT-2 XL
 # ROME edits layer 17 of 48. MEMIT edits layers 3-7 (`params/hparams/*/smollm2-135m.yaml`). This
 # notebook's own trace on that variant covers only 5 facts on the CPU, so its heat map is noisier.
+
+# %% [markdown]
+# ## Exploring finished runs
+# Every claim notebook ends with `explore(grid, ...)`: in JupyterLab, a panel of dropdowns and sliders
+# (editor, regularizer, protocol, metric, layer, range of edits, absolute or relative to the unedited
+# model) over the runs the notebook holds. A change redraws the figure from that table: nothing is
+# recomputed, nothing is written. "Reproduce this view" prints the `kelib reproduce --only <notebook>
+# --set ...` command (and a papermill one) that re-runs the notebook on the runs and edits in view.
+# Here it is on a small grid: this editor with and without PRUNE, 20 sequential edits (in JupyterLab
+# the cell runs them the first time, then reads them from the run cache). Try the condition
+# number, relative to the unedited model, with and without PRUNE. Under papermill (the batch) the
+# cell runs nothing and shows nothing: `explore` returns `None` when no front end can show widgets
+# (`kelib/explore.py` says how it tells).
+
+# %%
+from kelib.explore import explore, interactive
+
+small_runs = [{"editor": editor, "batch_size": 1}, {"editor": editor, "batch_size": 1, "regularizer": "PRUNE"}]
+small = experiments.run_grid(setup, small_runs, n_edits=20, checkpoints=[5, 10, 15]) if interactive() else None
+explore(small, metric="condition_number", relative=True)
