@@ -270,3 +270,28 @@ def test_a_real_kernel_shows_the_panel_to_a_front_end_and_nothing_to_nbclient():
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_the_batch_writes_the_same_bytes_with_and_without_the_explore_cell(micro_dir, tmp_path):
+    """condition_number on the micro model through the batch runner, once as committed and once with
+    its explore cells cut off: every file it writes (figures, tables, numbers.json) is byte-identical."""
+    from pathlib import Path
+
+    from kelib.reproduce import NOTEBOOKS_DIR, reproduce
+
+    source = (Path(NOTEBOOKS_DIR) / "condition_number.py").read_text()
+    cut = source.index("# %% [markdown]\n# **Explore the runs.**")
+    without = tmp_path / "without"
+    without.mkdir()
+    (without / "condition_number.py").write_text(source[:cut])
+    outputs = {}
+    for name, notebooks in (("with", NOTEBOOKS_DIR), ("without", without)):
+        [result] = reproduce("params/smoke", only=["condition_number"], out_root=tmp_path / name,
+                             runs_root=tmp_path / f"runs-{name}", notebooks_dir=notebooks, progress_bar=False,
+                             log=lambda line: None, preflight=False)
+        assert result.ok, result.error
+        folder = tmp_path / name / "smoke" / "condition_number"
+        outputs[name] = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != ".inputs.json"}
+    assert "explore(" in source[cut:] and "explore(" not in source[:cut]
+    assert {"numbers.json", "spectra.png", "spectra.pdf"} <= set(outputs["with"])
+    assert outputs["with"] == outputs["without"]
