@@ -11,6 +11,7 @@ A small library behind one notebook per paper claim (RECT, D4S, PRUNE). Modules 
 - ``kelib.runner``      applies updates under a protocol and records diagnostics
 - ``kelib.evaluation``  general abilities through lm-eval
 - ``kelib.embedded``    the small default model kelib trains offline
+- ``kelib.explore``     widget panels over a notebook's finished runs (JupyterLab only)
 """
 
 __version__ = "0.1.0"

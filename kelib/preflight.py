@@ -163,25 +163,27 @@ def runs_of(params: dict) -> list[dict]:
 
 
 def _setting(run: dict) -> str:
-    reg = run.get("regularizer", "none")
-    return run["editor"] if reg == "none" else f"{run['editor']} + {reg}"
+    """How run_grid names a run: its label (or editor), with its regularizer."""
+    name, reg = run.get("label", run["editor"]), run.get("regularizer", "none")
+    return name if reg == "none" else f"{name} + {reg}"
 
 
 def editor_problems(model, model_name: str, runs: Sequence[dict], hparams_overrides: dict | None = None,
-                    statistics: bool = False) -> dict[str, str]:
+                    statistics: bool = False, hparams_set: str | None = None) -> dict[str, str]:
     """``{setting: reason}`` for every run of ``runs`` that cannot run on ``model`` (loaded, or on
     ``meta`` from its config): missing hyperparameters, layers or parts the model lacks, a regularizer
     that does not apply, MEND not trained (for a model that does not train it on first use), and with
     ``statistics`` a key-statistics corpus neither cached nor reachable."""
     problems: dict[str, str] = {}
     for run in runs:
-        reason = _run_problem(model, model_name, run, (hparams_overrides or {}).get(run["editor"]), statistics)
+        overrides = {**((hparams_overrides or {}).get(run["editor"]) or {}), **(run.get("overrides") or {})}
+        reason = _run_problem(model, model_name, run, overrides or None, statistics, hparams_set)
         if reason:
             problems.setdefault(_setting(run), reason)
     return problems
 
 
-def _run_problem(model, model_name, run, overrides, statistics) -> str | None:
+def _run_problem(model, model_name, run, overrides, statistics, hparams_set=None) -> str | None:
     from kelib.config import ConfigError
     from kelib.editors import load_hparams
     from kelib.editors.base import EditError, edited_parts
@@ -191,7 +193,7 @@ def _run_problem(model, model_name, run, overrides, statistics) -> str | None:
 
     editor, regularizer = run["editor"], run.get("regularizer", "none")
     try:
-        hparams = load_hparams(editor, model_name, overrides)
+        hparams = load_hparams(editor, model_name, overrides, hparams_set=hparams_set)
     except (ConfigError, EditError) as err:
         return " ".join(str(err).split())
     if regularizer not in REGULARIZERS:
@@ -292,7 +294,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 # Memory
 
 
-def memory_plan(model, model_name: str, dtype: str, notebook_runs: dict[str, list[dict]]) -> list[MemoryLine]:
+def memory_plan(model, model_name: str, dtype: str, notebook_runs: dict[str, list[dict]],
+                hparams_set: str | None = None) -> list[MemoryLine]:
     """The device memory of the weights and of the largest run's extras, plus the statistics."""
     from kelib.config import ConfigError
     from kelib.editors import load_hparams
@@ -310,7 +313,7 @@ def memory_plan(model, model_name: str, dtype: str, notebook_runs: dict[str, lis
     for runs in notebook_runs.values():
         for run in runs:
             try:
-                hparams = load_hparams(run["editor"], model_name)
+                hparams = load_hparams(run["editor"], model_name, run.get("overrides"), hparams_set=hparams_set)
             except (ConfigError, EditError):
                 continue
             try:
@@ -395,13 +398,14 @@ def notebook_settings(source: Path, params: dict) -> dict:
 
 def check_variant(variant_dir: str | Path, model_name: str | None = None, device: str | None = None,
                   dtype: str | None = None, only: list[str] | None = None,
-                  notebooks_dir: str | Path | None = None) -> Report:
+                  notebooks_dir: str | Path | None = None, overrides: dict | None = None) -> Report:
     """Preflight of every notebook of a params variant (see the module docstring); ``model_name``,
-    ``device`` and ``dtype`` override the notebooks' own."""
+    ``device`` and ``dtype`` override the notebooks' own, ``overrides`` any parameter (as
+    ``kelib reproduce --set`` does)."""
     from kelib.reproduce import validate_variant
 
-    plan = validate_variant(variant_dir, only, notebooks_dir)
-    by_model: dict[tuple[str, str, str], dict[str, list[dict]]] = {}
+    plan = validate_variant(variant_dir, only, notebooks_dir, overrides)
+    by_model: dict[tuple, dict[str, list[dict]]] = {}
     report = Report()
     for name, source, params in plan:
         settings = notebook_settings(source, params)
@@ -409,19 +413,21 @@ def check_variant(variant_dir: str | Path, model_name: str | None = None, device
         model = model_name or settings.get("model_name")
         if not runs or not model:
             continue
-        key = (model, device or settings.get("device", "cpu"), dtype or settings.get("dtype", "float32"))
+        key = (model, device or settings.get("device", "cpu"), dtype or settings.get("dtype", "float32"),
+               settings.get("hparams") or None)
         by_model.setdefault(key, {})[name] = runs
     if not by_model:
         report.findings.append(Finding("preflight", "no notebook of this variant names a model and editors", ok=True))
         return report
-    for (model, dev, dt), notebook_runs in by_model.items():
-        check_model(model, dev, dt, notebook_runs, report)
+    for (model, dev, dt, hparams_set), notebook_runs in by_model.items():
+        check_model(model, dev, dt, notebook_runs, report, hparams_set)
     return report
 
 
 def check_model(model_name: str, device: str, dtype: str, notebook_runs: dict[str, list[dict]],
-                report: Report | None = None) -> Report:
-    """The checks and memory plan for one model's notebooks (``{notebook: runs}``), into ``report``."""
+                report: Report | None = None, hparams_set: str | None = None) -> Report:
+    """The checks and memory plan for one model's notebooks (``{notebook: runs}``), into ``report``;
+    ``hparams_set`` names the editors' hyperparameter files for a model given by a path."""
     report = report or Report()
     report.device = device
     if dtype not in BYTES or dtype == "float64":
@@ -447,14 +453,14 @@ def check_model(model_name: str, device: str, dtype: str, notebook_runs: dict[st
     report.findings.append(Finding(model_name, f"config read ({config.model_type}, "
                                                f"{model.config.num_hidden_layers} layers), no weights loaded", ok=True))
     for notebook, runs in notebook_runs.items():
-        problems = editor_problems(model, model_name, runs, statistics=True)
+        problems = editor_problems(model, model_name, runs, statistics=True, hparams_set=hparams_set)
         for setting, reason in problems.items():
             report.findings.append(Finding(f"{notebook} / {setting}", reason))
         checked = [s for s in dict.fromkeys(_setting(r) for r in runs) if s not in problems]
         if checked:
             report.findings.append(Finding(notebook, f"hyperparameters, layers, MEND and statistics ok for "
                                                      f"{', '.join(checked)}", ok=True))
-    report.memory += memory_plan(model, model_name, dtype, notebook_runs)
+    report.memory += memory_plan(model, model_name, dtype, notebook_runs, hparams_set)
     report.available = {"device": free_memory(device)}
     if torch.device(device).type != "cpu":
         report.available["cpu"] = free_memory("cpu")

@@ -487,7 +487,7 @@ def reproduce(
         from kelib.preflight import check_variant
 
         try:
-            report = check_variant(variant_dir, only=only, notebooks_dir=notebooks_dir)
+            report = check_variant(variant_dir, only=only, notebooks_dir=notebooks_dir, overrides=overrides)
             for line in report.format().splitlines():
                 log(f"preflight | {line}")
         except Exception as err:  # noqa: BLE001 (the preflight informs; it must not stop a batch)

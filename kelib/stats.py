@@ -62,6 +62,7 @@ class StatsSpec:
     corpus: str = "wikitext2"
     n_tokens: int | None = 100_000  # key vectors accumulated per layer; None: the whole corpus
     max_length: int = 128  # tokens per text window
+    n_texts: int | None = None  # ROME/MEMIT's count: this many texts, each cut to its first max_length
     batch_size: int = 16
     dtype: str = "float32"  # accumulation precision; float64 for very small models is cheap
 
@@ -69,6 +70,8 @@ class StatsSpec:
         check_corpus(self.corpus)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"stats dtype must be float32 or float64, got {self.dtype!r}")
+        if self.n_texts is not None and self.n_tokens is not None:
+            raise ValueError("count texts (n_texts) or tokens (n_tokens), not both: set n_tokens=None")
 
 
 def check_corpus(corpus: str) -> str:
@@ -111,6 +114,10 @@ class SecondMomentSettings:
 
     mom2_dataset: str = "wikitext2"  # a key of CORPORA, or a folder of text files
     mom2_n_tokens: int = 100_000  # key vectors (tokens) in C; ROME counted 100k Wikipedia articles
+    # ROME/MEMIT's own count (their mom2_n_samples): this many texts, each cut to its first
+    # mom2_max_length tokens (the model's context: 1,024 GPT-2, 2,048 GPT-J); replaces mom2_n_tokens
+    mom2_n_samples: int | None = None
+    mom2_max_length: int = 128  # tokens per text window
     mom2_dtype: str = "float32"
     mom2_lookup_share: float = 0.0  # ρ: share of C0 from keys at the lookup positions (embedded models)
 
@@ -138,6 +145,8 @@ def stats_path(model, layer: int, spec: StatsSpec, part: str = "mlp_out") -> Pat
         "max_length": spec.max_length,
         "dtype": spec.dtype,
     }
+    if spec.n_texts is not None:  # absent otherwise, so caches written before it keep their names
+        key["n_texts"] = spec.n_texts
     return cache_dir("stats", model_id(model)) / f"layer{layer}_{part}_{stable_hash(key)}.pt"
 
 
@@ -244,9 +253,13 @@ def _windows(tok, spec: StatsSpec, model=None) -> Iterator[tuple[torch.Tensor, t
 
     batch: list[list[int]] = []
     shortest = 1 if spec.corpus in LAST_TOKEN_CORPORA else 8
-    for text in _texts(spec.corpus, model):
+    for n, text in enumerate(_texts(spec.corpus, model)):
+        if spec.n_texts is not None and n == spec.n_texts:
+            break
         ids = tok(text)["input_ids"]
-        for lo in range(0, len(ids), spec.max_length):
+        # ROME/MEMIT's layer_stats truncates each text to its first window; kelib's token count reads them all
+        stop = spec.max_length if spec.n_texts is not None else len(ids)
+        for lo in range(0, min(len(ids), stop), spec.max_length):
             window = ids[lo : lo + spec.max_length]
             if len(window) >= shortest:
                 batch.append(window)
@@ -401,7 +414,9 @@ def neighbour_key_share(model, tok, cases, layer: int, c0: torch.Tensor) -> torc
 def stats_spec_for(hparams) -> StatsSpec:
     """The :class:`StatsSpec` of an editor's :class:`SecondMomentSettings` (the defaults without them)."""
     settings = hparams if isinstance(hparams, SecondMomentSettings) else SecondMomentSettings()
-    return StatsSpec(corpus=settings.mom2_dataset, n_tokens=settings.mom2_n_tokens, dtype=settings.mom2_dtype)
+    texts = settings.mom2_n_samples  # ROME/MEMIT count texts, each cut to its first window
+    return StatsSpec(corpus=settings.mom2_dataset, n_tokens=None if texts else settings.mom2_n_tokens,
+                     n_texts=texts, max_length=settings.mom2_max_length, dtype=settings.mom2_dtype)
 
 
 def statistics_for(model, tok, hparams, progress: bool = True) -> KeyStatistics:

@@ -83,7 +83,7 @@ plotting.save_figure(fig, out_dir, "condition_number_vs_edits")
 
 # %%
 # The spectra of W_0, Δ and W_0 + Δ after the last edit, for each editor with and without PRUNE.
-editors = list(dict.fromkeys(r["editor"] for r in runs))
+editors = list(dict.fromkeys(r.get("label", r["editor"]) for r in runs))  # a labelled run gets its own panel
 fig, axes = plt.subplots(1, len(editors), figsize=(4.5 * len(editors), 3.2), sharey=True, squeeze=False)
 axes = axes[0]
 bounds = {}
@@ -152,3 +152,16 @@ print(f"Condition number grows (>1.5x) without PRUNE: {numbers['grows']}; PRUNE 
 # restraint of Δ's singular values above σmax(W_0) bounds it and keeps abilities. The printed lines
 # are computed from this run, each verdict with its evidence; the spectra show which singular values
 # of Δ PRUNE restrained.
+
+# %% [markdown]
+# **Explore the runs.** In JupyterLab the cell below shows a panel over `grid`, this notebook's cached
+# runs: pick the editor, regularizer, protocol, metric, layer and range of edits, absolute or relative
+# to the unedited model; it starts on the condition number of the last edited layer, as in the first
+# figure. Every change redraws from the table, with no recomputation, and "reproduce this view" prints
+# the `kelib reproduce` (or papermill) command that re-runs the notebook on the runs in view. Under
+# papermill it shows nothing and writes nothing (`kelib/explore.py` says how it tells the two apart).
+
+# %%
+from kelib.explore import explore
+
+explore(grid, "condition_number", globals(), metric="condition_number")

@@ -143,3 +143,17 @@ plotting.write_numbers(out_dir, numbers)
 # performance; D4S keeps it bounded. The printed lines are computed from this run; the
 # correlations are over the checkpoints of each run (negative: abilities fall as the norm grows).
 # A model that takes fewer edits than the papers' thousands may show growth without collapse.
+
+# %% [markdown]
+# **Explore the runs.** In JupyterLab the cell below shows a panel over `grid`, this notebook's cached
+# runs: pick the editor, regularizer, protocol, metric, layer and range of edits, absolute or relative
+# to the unedited model; it starts on the L1 norm summed over the edited layers relative to the
+# unedited model, as in the figure. Every change redraws from the table, with no recomputation, and
+# "reproduce this view" prints the `kelib reproduce` (or papermill) command that re-runs the notebook
+# on the runs in view. Under papermill it shows nothing and writes nothing (`kelib/explore.py` says
+# how it tells the two apart).
+
+# %%
+from kelib.explore import explore
+
+explore(grid, "l1_norm_explosion", globals(), metric="l1", layer="sum", relative=True)

@@ -135,3 +135,16 @@ print("RECT keeps > 94% of editing performance:", numbers["rect_keeps_94"])
 # is the share of the ability lost without a regularizer that the regularizer gives back; it is
 # undefined when the editor lost nothing). Where a number falls short of a paper's claim, that is
 # the finding on this model.
+
+# %% [markdown]
+# **Explore the runs.** In JupyterLab the cell below shows a panel over `grid`, this notebook's cached
+# runs: pick the editor, regularizer, protocol, metric, layer and range of edits, absolute or relative
+# to the unedited model; it starts on an ability as edits accumulate, per editor and regularizer.
+# Every change redraws from the table, with no recomputation, and "reproduce this view" prints the
+# `kelib reproduce` (or papermill) command that re-runs the notebook on the runs in view. Under
+# papermill it shows nothing and writes nothing (`kelib/explore.py` says how it tells the two apart).
+
+# %%
+from kelib.explore import explore
+
+explore(grid, "regularizer_recovery", globals(), scope=("abilities", "tasks"))

@@ -134,3 +134,16 @@ print(f"On {model_name} after {n_edits} edits, 'editing lowers the mean ability'
 # mean ability changed, with a 95% interval, and whether the loss is distinguishable from noise. Small models trained from scratch store facts and
 # skills differently from GPT-2 XL or LLaMA; where a setting shows no loss, that is the result on
 # this model, not a failure to reproduce the paper's setting (run `params/gpt2-xl/` on a GPU for that).
+
+# %% [markdown]
+# **Explore the runs.** In JupyterLab the cell below shows a panel over `grid`, this notebook's cached
+# runs: pick the editor, regularizer, protocol, metric, layer and range of edits, absolute or relative
+# to the unedited model; it starts on an ability as edits accumulate, as in the last figure. Every
+# change redraws from the table, with no recomputation, and "reproduce this view" prints the `kelib
+# reproduce` (or papermill) command that re-runs the notebook on the runs in view. Under papermill it
+# shows nothing and writes nothing (`kelib/explore.py` says how it tells the two apart).
+
+# %%
+from kelib.explore import explore
+
+explore(grid, "side_effects", globals(), scope=("abilities", "tasks"))

@@ -39,6 +39,30 @@ def test_rome_maps_the_edit_key_to_the_optimised_value(micro, micro_stats, untou
     assert error < 1e-3
 
 
+def test_rome_key_use_matches_the_direct_formula(micro, micro_stats, untouched):
+    """ΔW = (v* − W k − b) uᵀ / (uᵀ k), u = C⁻¹k̄ / |C⁻¹k̄|: with original_key_use the 2022 code's k* (the
+    plain prompt's key) and W k* + b; without, the template mean k̄ and its output in both places."""
+    model, tok, cases = micro
+    case = cases[3]
+    deltas = {}
+    for original in (True, False):
+        hp = load_hparams("ROME", "kelib-micro", {"original_key_use": original})
+        layer = hp.layers[0]
+        templates = rome_templates(model, tok, hp.context_template_length_params, hp.seed)
+        delta, target = rank_one_update(model, tok, case, layer, templates, hp, micro_stats)
+        k_bar, out_bar = (t[0].double() for t in keys_at(model, tok, [case], templates, [layer], hp.fact_token)[layer])
+        k_star, out_star = (t[0].double() for t in keys_at(model, tok, [case], ["{}"], [layer], hp.fact_token)[layer])
+        u = torch.linalg.solve(micro_stats[layer].double(), k_bar)
+        u = u / u.norm()
+        k, out = (k_star, out_star) if original else (k_bar, out_bar)
+        expected = torch.outer((target.value.double() - out) / (u @ k), u)
+        assert (delta.double() - expected).norm() / expected.norm() < 1e-4
+        deltas[original] = delta
+    assert not torch.allclose(k_bar, k_star)  # the two key uses differ on this case...
+    # ...and so do the updates (different v* optimisations aside, the denominators differ)
+    assert (deltas[True] - deltas[False]).norm() / deltas[False].norm() > 1e-3
+
+
 def test_memit_update_solves_its_normal_equations(micro, micro_stats, untouched):
     g = torch.Generator().manual_seed(0)
     keys, residual = torch.randn(40, 7, generator=g), torch.randn(12, 7, generator=g)

@@ -138,3 +138,18 @@ def test_caches_keyed_by_weights_are_found_by_the_models_name_from_a_config(monk
         path.with_name(f"layer{layer}_mlp_out_feedc0ffee.pt").write_bytes(b"")
     assert preflight.mend_problem(model, mend_hp) is None
     assert preflight.statistics_status(model, memit_hp)[0] is True
+
+
+def test_a_model_in_a_folder_of_another_name_uses_the_named_hparams_set(micro, micro_dir, tmp_path):
+    """Weights at a path whose name matches no hyperparameter set: every editor is "without
+    hyperparameters" until ``hparams`` names the set, in the variant check and in run_grid's own."""
+    folder = tmp_path / "my-local-model"
+    folder.symlink_to(micro_dir, target_is_directory=True)
+    bare = preflight.check_variant(PARAMS_DIR / "smoke", model_name=str(folder), only=["l1_norm_explosion"])
+    assert any("hyperparameters" in f.message for f in bare.problems)
+    named = preflight.check_variant(PARAMS_DIR / "smoke", model_name=str(folder), only=["l1_norm_explosion"],
+                                    overrides={"hparams": "kelib-micro"})
+    assert not any("hyperparameters" in f.message for f in named.problems), named.format()
+    runs = [{"editor": "ROME"}, {"editor": "MEMIT", "label": "MEMIT (λ 5)", "overrides": {"mom2_update_weight": 5.0}}]
+    assert set(preflight.editor_problems(micro[0], str(folder), runs)) == {"ROME", "MEMIT (λ 5)"}
+    assert preflight.editor_problems(micro[0], str(folder), runs, hparams_set="kelib-micro") == {}

@@ -129,6 +129,8 @@ MODEL_KEYS = {
     "meta-llama/meta-llama-3-8b": "llama3-8b",
     "meta-llama/llama-3.1-8b": "llama3-8b",
     "llama3-8b": "llama3-8b",
+    "smollm2-135m": "smollm2-135m",  # the packaged GGUF (kelib.packaged)
+    "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
 }
 
 

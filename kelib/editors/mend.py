@@ -77,7 +77,9 @@ def load_mend(model, tok, hparams: MENDHyperParams, progress: bool = True) -> ME
     path = mend_path(model, hparams)
     if not path.exists():
         if embedded_dir(model) is None:
-            name = model_name(model)
+            from kelib.packaged import packaged_name
+
+            name = packaged_name(model_name(model)) or model_name(model)  # smollm2-135m, not its cache folder
             raise EditError(
                 f"MEND is not trained for {name!r} with these hyperparameters (no {path}). Train it "
                 f"once with `kelib train-mend {name}` (add --device cuda on a GPU; it trains on "

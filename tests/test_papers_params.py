@@ -1,0 +1,87 @@
+"""The papers' settings in the real-model params: ROME's 2022 key use, the reference code's statistics
+windows and sample counts, RECT's GPT-2 XL ROME, and the corrected-key comparison runs."""
+
+import pytest
+import yaml
+
+from kelib.editors import load_hparams
+from kelib.paths import REPO_DIR
+from kelib.stats import StatsSpec, _windows, statistics_for, stats_path
+
+PAPER_MODELS = {  # model -> statistics window (the reference code's maxlen for it)
+    "gpt2-xl": 1024,
+    "gpt-j-6b": 2048,
+    "llama-2-7b": 4096,
+    "llama3-8b": 8192,
+}
+SAMPLES = {("ROME", "llama3-8b"): 10_000}  # PRUNE's; every other file 100,000 articles
+
+
+@pytest.mark.parametrize("model", sorted(PAPER_MODELS))
+def test_papers_params_use_the_2022_rome_and_the_reference_statistics(model):
+    rome = load_hparams("ROME", model)
+    assert rome.original_key_use is True
+    assert rome.mom2_adjustment is True  # ROME's and PRUNE's files (RECT's override is per notebook)
+    for editor in ("ROME", "MEMIT", "PMET", "AlphaEdit"):
+        hp = load_hparams(editor, model)
+        assert hp.mom2_dataset == "wikipedia"
+        assert hp.mom2_n_samples == SAMPLES.get((editor, model), 100_000)
+        assert hp.mom2_max_length == PAPER_MODELS[model]
+        spec = statistics_for(object(), None, hp, progress=False).spec
+        assert (spec.n_texts, spec.n_tokens, spec.max_length) == (hp.mom2_n_samples, None, PAPER_MODELS[model])
+
+
+def _runs(variant, notebook):
+    return yaml.safe_load((REPO_DIR / "params" / variant / f"{notebook}.yaml").read_text())["runs"]
+
+
+@pytest.mark.parametrize("variant", [*sorted(PAPER_MODELS), "smollm2-135m"])
+@pytest.mark.parametrize("notebook", ["l1_norm_explosion", "condition_number"])
+def test_l1_and_kappa_params_compare_the_corrected_key_use(variant, notebook):
+    runs = _runs(variant, notebook)
+    plain = [r for r in runs if r["editor"] == "ROME" and "label" not in r and "regularizer" not in r]
+    corrected = [r for r in runs if r.get("label") == "ROME (corrected keys)"]
+    assert len(plain) == 1 and "overrides" not in plain[0]  # the papers' ROME: the file's 2022 key use
+    assert len(corrected) == 1 and corrected[0]["editor"] == "ROME"
+    assert corrected[0]["overrides"] == {"original_key_use": False}
+
+
+def test_rects_gpt2_xl_rome_runs_without_the_c_adjustment():
+    (rome,) = [r for r in _runs("gpt2-xl", "side_effects") if r["editor"] == "ROME"]
+    assert rome["overrides"] == {"mom2_adjustment": False}
+
+
+def test_counting_texts_reads_the_first_window_of_each_text(tiny_tokenizer):
+    from kelib.stats import _texts
+
+    spec = StatsSpec(corpus="wikitext2", n_tokens=None, n_texts=6, max_length=16, batch_size=100)
+    (ids, mask), = list(_windows(tiny_tokenizer, spec))
+    texts = [t for t in list(_texts("wikitext2"))[:6] if len(tiny_tokenizer(t)["input_ids"]) >= 8]
+    assert len(ids) == len(texts) >= 4  # one window per text, at most 6 texts
+    for row, m, text in zip(ids, mask, texts):
+        first = tiny_tokenizer(text)["input_ids"][:16]
+        assert row[: int(m.sum())].tolist() == first
+    with pytest.raises(ValueError, match="not both"):
+        StatsSpec(n_texts=5)  # n_tokens keeps its default: ambiguous
+
+
+def test_text_counts_get_their_own_statistics_file(tiny_gpt2):
+    model, _ = tiny_gpt2
+    by_tokens = stats_path(model, 0, StatsSpec(n_tokens=1000, max_length=1024))
+    by_texts = stats_path(model, 0, StatsSpec(n_tokens=None, n_texts=1000, max_length=1024))
+    assert by_tokens != by_texts
+    assert stats_path(model, 0, StatsSpec()) == stats_path(model, 0, StatsSpec())
+
+
+def test_a_run_can_override_its_editors_hparams_under_a_label(micro, micro_stats, untouched):
+    from kelib import experiments
+
+    model, tok, cases = micro
+    setup = experiments.Setup("kelib-micro", model, tok, cases, {})
+    runs = [{"editor": "ROME", "batch_size": 1},  # the micro model's file: corrected key use
+            {"editor": "ROME", "batch_size": 1, "label": "ROME (2022 keys)", "overrides": {"original_key_use": True}}]
+    grid = experiments.run_grid(setup, runs, n_edits=2, max_eval_cases=2, progress=False)
+    assert sorted(grid.editor.unique()) == ["ROME", "ROME (2022 keys)"]
+    assert grid.run_dir.nunique() == 2  # two hyperparameter sets, two runs
+    with pytest.raises(ValueError, match="unknown key"):
+        experiments.run_grid(setup, [{"editor": "ROME", "overide": {}}], n_edits=1, progress=False)
