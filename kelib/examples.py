@@ -113,11 +113,13 @@ class Scores(dict):
         self.examples: dict[str, Sample] = dict(examples or {})
 
     def to_json(self) -> dict:
-        return {"means": dict(self), "examples": {m: s.to_json() for m, s in self.examples.items()}}
+        # pairs, not mappings: the metrics keep their order through a JSON writer that sorts keys
+        return {"means": [[m, v] for m, v in self.items()],
+                "examples": [[m, s.to_json()] for m, s in self.examples.items()]}
 
     @classmethod
     def from_json(cls, record: Mapping) -> "Scores":
-        return cls(record["means"], {m: Sample.from_json(s) for m, s in record["examples"].items()})
+        return cls(dict(record["means"]), {m: Sample.from_json(s) for m, s in record["examples"]})
 
 
 def examples_of(result: Mapping) -> dict[str, Sample]:

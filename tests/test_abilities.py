@@ -116,7 +116,7 @@ def test_an_unchanged_model_is_evaluated_once(micro, scores, untouched, monkeypa
     real = report.paragraph_nll
     monkeypatch.setattr(report, "paragraph_nll", lambda *a, **k: calls.append(1) or real(*a, **k))
     first, again = evaluate(model, tok), evaluate(model, tok)
-    assert calls == [1] and dict(first) == dict(again) == dict(before)
+    assert calls == [1] and dict(first) == dict(again) == dict(before) and list(again) == list(first)  # order kept
     assert all(list(again.examples[m].values) == list(s.values) for m, s in before.examples.items())
     assert all(again.examples[m].weights is None or list(again.examples[m].weights) == list(s.weights)
                for m, s in before.examples.items())

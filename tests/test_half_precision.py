@@ -265,8 +265,8 @@ def test_runs_that_cannot_run_are_reported_before_the_first_run(tiny_tokenizer, 
     monkeypatch.setattr(experiments, "cache_dir", lambda *parts: tmp_path.joinpath(*parts))
     real_load = base.load_hparams
 
-    def load(method, model_name, overrides=None):  # KN's file names a layer the 3-layer model lacks
-        hp = real_load(method, model_name, overrides)
+    def load(method, model_name, overrides=None, hparams_set=None):  # KN's file names a layer the model lacks
+        hp = real_load(method, model_name, overrides, hparams_set=hparams_set)
         return dataclasses.replace(hp, layers=[7]) if method == "KN" else hp
 
     monkeypatch.setattr("kelib.editors.load_hparams", load)

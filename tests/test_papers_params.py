@@ -6,7 +6,7 @@ import yaml
 
 from kelib.editors import load_hparams
 from kelib.paths import REPO_DIR
-from kelib.stats import StatsSpec, _windows, statistics_for, stats_path
+from kelib.stats import StatsSpec, _windows, stats_spec_for, stats_path
 
 PAPER_MODELS = {  # model -> statistics window (the reference code's maxlen for it)
     "gpt2-xl": 1024,
@@ -27,7 +27,7 @@ def test_papers_params_use_the_2022_rome_and_the_reference_statistics(model):
         assert hp.mom2_dataset == "wikipedia"
         assert hp.mom2_n_samples == SAMPLES.get((editor, model), 100_000)
         assert hp.mom2_max_length == PAPER_MODELS[model]
-        spec = statistics_for(object(), None, hp, progress=False).spec
+        spec = stats_spec_for(hp)
         assert (spec.n_texts, spec.n_tokens, spec.max_length) == (hp.mom2_n_samples, None, PAPER_MODELS[model])
 
 

@@ -180,5 +180,5 @@ def _cached_path(model, tok, key: dict) -> Path | None:
     fingerprint = weights_fingerprint(model)
     full = {"evaluator": key, "weights": fingerprint, "views": views, "tokenizer": tokenizer_fingerprint(tok),
             "model_class": type(model).__name__,
-            "code": code_identity("kelib.embedded.report", "kelib.metrics", "kelib.tokens")}
+            "code": code_identity("kelib.embedded.report", "kelib.examples", "kelib.metrics", "kelib.tokens")}
     return cache_dir("evaluations", fingerprint) / f"embedded-abilities-{stable_hash(full)}.json"
