@@ -219,29 +219,9 @@ def test_every_editor_has_hyperparameters_for_every_model(editor):
 def test_editor_modules_import_each_other_without_a_circle():
     """Every ``kelib.editors`` module's imports of its siblings, deferred ones included, form no cycle
     (MEND's editor and its trainer both import the network's module, not each other)."""
-    import ast
-    from pathlib import Path
+    from import_graph import import_cycles, sibling_imports
 
-    import kelib.editors
-
-    folder = Path(kelib.editors.__file__).parent
-    graph = {}
-    for path in folder.glob("*.py"):
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kelib.editors."):
-                found.add(node.module.rsplit(".", 1)[1])
-            elif isinstance(node, ast.ImportFrom) and node.module == "kelib.editors":
-                found.update(alias.name for alias in node.names)
-        graph[path.stem] = found - {path.stem}
+    graph = sibling_imports("kelib.editors")
     assert {"mend_net"} <= graph["mend"] and {"mend_net"} <= graph["mend_train"] and "mend_train" in graph["mend"]
-
-    def reach(start, seen):
-        for nxt in graph.get(start, ()):
-            if nxt not in seen:
-                seen.add(nxt)
-                reach(nxt, seen)
-        return seen
-
-    circles = sorted(m for m in graph if m in reach(m, set()) and m != "__init__")
+    circles = import_cycles(graph)
     assert not circles, {m: sorted(graph[m]) for m in circles}

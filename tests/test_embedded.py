@@ -109,27 +109,9 @@ def test_skills_and_perplexity_run_as_lm_eval_tasks(micro):
 
 def test_embedded_modules_import_each_other_without_a_circle():
     """Every ``kelib.embedded`` module's imports of its siblings, deferred ones included, form no cycle."""
-    import ast
-    from pathlib import Path
+    from import_graph import import_cycles, sibling_imports
 
-    import kelib.embedded
-
-    folder = Path(kelib.embedded.__file__).parent
-    graph = {}
-    for path in folder.glob("*.py"):
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kelib.embedded."):
-                found.add(node.module.rsplit(".", 1)[1])
-        graph[path.stem] = found - {path.stem}
+    graph = sibling_imports("kelib.embedded")
     assert "report" in graph["build"] or "scoring" in graph["build"]  # the build scores what it trained
-
-    def reach(start, seen):
-        for nxt in graph.get(start, ()):
-            if nxt not in seen:
-                seen.add(nxt)
-                reach(nxt, seen)
-        return seen
-
-    circles = sorted(m for m in graph if m in reach(m, set()) and m != "__init__")
+    circles = import_cycles(graph)
     assert not circles, {m: sorted(graph[m]) for m in circles}
