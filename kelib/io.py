@@ -31,6 +31,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_folder(path: str | Path, doing: str = "partial") -> Iterator[Path]:
+    """Yield a fresh temporary path beside folder ``path`` (not yet created) for the caller to fill; on
+    success it becomes ``path`` in one rename, unless another process made ``path`` first (then it is
+    dropped). On an exception (or a kill, at the next try) nothing half-made is left behind."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{doing}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if missing) for the duration: processes that build
     the same cache entry (two workers needing one layer's statistics) take turns, and the second

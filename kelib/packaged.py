@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from kelib.io import sha256_file, write_json
+from kelib.io import atomic_folder, sha256_file, write_json
 from kelib.paths import cache_dir
 
 
@@ -97,18 +95,10 @@ def ensure_packaged(name: str) -> Path:
     target = cache_dir("models") / f"{name}-{digest[:12]}-{size}"
     if (target / "gguf.json").exists():
         return target
-    tmp = target.with_name(f".{target.name}.converting-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(target, "converting") as tmp:  # another process may finish first
         _convert(path, tmp)
         write_json(tmp / "gguf.json", {"model": name, "gguf_file": path.name, "sha256": digest, "size": size,
                                        **PACKAGED_MODELS[name].__dict__})
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

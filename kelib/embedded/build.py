@@ -8,9 +8,7 @@ place only when complete: an interrupted build leaves nothing half-written behin
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from kelib.embedded.report import knowledge_report
 # model_dir, recipe_of and world_of are read here too by callers that also build
 from kelib.embedded.store import model_dir, provenance, recipe_of, world_of  # noqa: F401
 from kelib.embedded.world import Fact
-from kelib.io import write_json
+from kelib.io import atomic_folder, write_json
 
 # Targets of the embedded-default issue; the report says whether each one is met.
 TARGETS = {
@@ -42,16 +40,8 @@ def ensure_model(name: str = "default", recipe: Recipe | None = None, progress: 
     target = model_dir(name, recipe, device)
     if (target / "report.json").exists():
         return target
-    tmp = target.with_name(f".{target.name}.building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(target, "building") as tmp:  # another process may finish the same build first
         _build(name, recipe, tmp, progress, device=device)
-        if target.exists():  # another process finished the same build first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
