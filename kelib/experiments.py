@@ -221,6 +221,7 @@ def run_grid(
     cases = setup.cases[first_case : first_case + n_edits]
     tables, skipped = [], []
     blocked = editor_problems(setup.model, setup.model_name, runs, hparams_overrides, hparams_set=setup.hparams_set)
+    names = [run_setting(run) for run in runs]
     if blocked:
         print(f"Checked before the first run: {len(blocked)} setting(s) cannot run on {setup.model_name} "
               "and are skipped:")
@@ -231,26 +232,19 @@ def run_grid(
             raise ConfigError("executor 'local' needs a setup made by load_setup: its worker processes load the "
                               "same model from load_setup's arguments")
         jobs = [(setup.load_args, run, n_edits, list(checkpoints), hparams_overrides, max_eval_cases, first_case)
-                for run in runs if _setting(run.get("label", run["editor"]), run.get("regularizer", "none")) not in blocked]
+                for run, name in zip(runs, names) if name not in blocked]
         run_local(_run_in_worker, jobs, workers, setup.load_args["device"], progress,
-                  describe=lambda job: _setting(job[1].get("label", job[1]["editor"]), job[1].get("regularizer", "none")))
-    for run in runs:
-        editor = run.get("label", run["editor"])
-        regularizer = run.get("regularizer", "none")
-        reason = blocked.get(_setting(editor, regularizer))
-        if reason is not None:
-            skipped.append({"editor": editor, "regularizer": regularizer, "protocol": run.get("protocol", "sequential"),
-                            "batch_size": run.get("batch_size"), "reason": " ".join(reason.split())})
+                  describe=lambda job: run_setting(job[1]))
+    for run, name in zip(runs, names):
+        if name in blocked:
+            skipped.append(_not_run_record(run, blocked[name]))
             continue
         try:
             tables.append(_run_one(setup, run, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases,
                                    progress))
         except NOT_RUN_ERRORS as err:
-            protocol = run.get("protocol", "sequential")
-            reason = " ".join(str(err).split())
-            skipped.append({"editor": editor, "regularizer": regularizer, "protocol": protocol,
-                            "batch_size": run.get("batch_size"), "reason": reason})
-            print(f"{_setting(editor, regularizer)} not run: {reason}")
+            skipped.append(_not_run_record(run, str(err)))
+            print(f"{name} not run: {skipped[-1]['reason']}")
     grid = (pd.concat(tables, ignore_index=True) if tables
             else pd.DataFrame(columns=[*COLUMNS, "editor", "regularizer", "protocol", "batch_size", "run_dir"]))
     grid.attrs["not_run"] = skipped
@@ -299,6 +293,19 @@ def _setting(editor: str, regularizer: str) -> str:
     return editor if regularizer == "none" else f"{editor} + {regularizer}"
 
 
+def run_setting(run: dict) -> str:
+    """How :func:`run_grid` names a run in printed lines and captions: its label (or editor), with its
+    regularizer (``"MEMIT + D4S"``)."""
+    return _setting(run.get("label", run["editor"]), run.get("regularizer", "none"))
+
+
+def _not_run_record(run: dict, reason: str) -> dict:
+    """A row of :func:`not_run`: the run's settings as the table names them, and why, on one line."""
+    return {"editor": run.get("label", run["editor"]), "regularizer": run.get("regularizer", "none"),
+            "protocol": run.get("protocol", "sequential"), "batch_size": run.get("batch_size"),
+            "reason": " ".join(reason.split())}
+
+
 def _short(reason: str, at_most: int = 120) -> str:
     """The first sentence of a reason, cut to ``at_most`` characters (a caption has little room)."""
     first = reason.split(". ")[0]
@@ -317,9 +324,7 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
     overrides = {**((hparams_overrides or {}).get(editor) or {}), **(run.get("overrides") or {})}
     hparams = editor_hparams(setup, editor, overrides or None)
     regularizer = run.get("regularizer", "none")
-    params = dict(run.get("regularizer_params") or {})
-    if regularizer == "D4S" and hasattr(hparams, "mom2_update_weight"):  # D4S solves MEMIT's system: same λ
-        params.setdefault("mom2_update_weight", hparams.mom2_update_weight)
+    params = dict(run.get("regularizer_params") or {})  # D4S takes its λ from the editor (D4SParams.for_editor)
     protocol = run.get("protocol", "sequential")
     spec = RunSpec(
         editor=editor,

@@ -163,9 +163,10 @@ def runs_of(params: dict) -> list[dict]:
 
 
 def _setting(run: dict) -> str:
-    """How run_grid names a run: its label (or editor), with its regularizer."""
-    name, reg = run.get("label", run["editor"]), run.get("regularizer", "none")
-    return name if reg == "none" else f"{name} + {reg}"
+    """How run_grid names a run (:func:`kelib.experiments.run_setting`)."""
+    from kelib.experiments import run_setting
+
+    return run_setting(run)
 
 
 def editor_problems(model, model_name: str, runs: Sequence[dict], hparams_overrides: dict | None = None,
@@ -329,13 +330,13 @@ def memory_plan(model, model_name: str, dtype: str, notebook_runs: dict[str, lis
                                         "device"))
             if run.get("regularizer") == "D4S":
                 from kelib.config import from_dict
+                from kelib.memory import d4s_state_bytes, d4s_state_placement
 
                 d4s_params = from_dict(D4SParams, run.get("regularizer_params") or {}, where="D4S")
-                on_cpu = d4s_params.state_device == "cpu"
-                state = d4s_params.state_dtype or ("float32" if on_cpu else "float64")
-                d4s = sum((a * b + b * b) * BYTES[state] for _, part, (a, b) in shapes if part == "mlp_out")
-                extra.append(MemoryLine(f"{_setting(run)}: D4S state A and S ({state})", d4s,
-                                        "cpu" if on_cpu else "device"))
+                where, state = d4s_state_placement(d4s_params, "meta")  # meta: the model's device
+                mlp = {layer: shape for layer, part, shape in shapes if part == "mlp_out"}
+                extra.append(MemoryLine(f"{_setting(run)}: D4S state A and S ({str(state).removeprefix('torch.')})",
+                                        d4s_state_bytes(mlp, state), "cpu" if where.type == "cpu" else "device"))
             total = sum(m.nbytes for m in extra)
             if total > worst[0]:
                 worst = (total, extra)
