@@ -39,14 +39,14 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 KNOWN=$("$PY" - "$DEVICE" "$DATASET" <<'EOF'
 import sys
 from kelib.data import load_cases
-from kelib.known import known_cases, split_known
+from kelib.known import eval_cases, known_cases, split_known
 from kelib.models import load_model
 model, tok = load_model("smollm2-135m", device=sys.argv[1])
 base, _ = split_known(sys.argv[2])
-print(len(known_cases(model, tok, load_cases(base), base, progress=False)))
+print(len(eval_cases(model, tok, known_cases(model, tok, load_cases(base), base, progress=False))))
 EOF
 )
-echo "SmolLM2-135M knows $KNOWN facts of $DATASET (top-1)"
+echo "SmolLM2-135M knows $KNOWN facts of $DATASET (top-1), the tune split left out"
 if [ "$KNOWN" -lt "$N_EDITS" ]; then
   echo "only $KNOWN known facts: editing $KNOWN, not $N_EDITS"
   N_EDITS=$KNOWN

@@ -31,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from kelib.data import load_cases  # noqa: E402
-from kelib.known import known_cases  # noqa: E402
+from kelib.known import TUNE_FACTS, tune_cases  # noqa: E402
 from kelib.models import architecture, get_module, load_model, module_name, n_layers, patch_output  # noqa: E402
 from kelib.tokens import with_target  # noqa: E402
 from kelib.tracing import _subject_range  # noqa: E402
@@ -111,7 +110,10 @@ def main() -> None:
     parser.add_argument("--out", default="trace_smollm2.csv")
     args = parser.parse_args()
     model, tok = load_model("smollm2-135m")
-    cases = known_cases(model, tok, load_cases("counterfact_edit"), "counterfact_edit")[: args.facts]
+    if args.facts > TUNE_FACTS:
+        parser.error(f"--facts: at most {TUNE_FACTS}, the known facts of the tune split (the rest are edited)")
+    # the tune split only: the layers chosen here must not have seen a fact the notebooks edit
+    cases = tune_cases(model, tok)[: args.facts]
     rows = []
     for i, case in enumerate(cases):
         started = time.time()

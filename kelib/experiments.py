@@ -108,14 +108,14 @@ def load_setup(
         dataset = "world of the embedded model"
     else:
         from kelib.data import load_cases
-        from kelib.known import known_cases, split_known
+        from kelib.known import eval_cases, known_cases, split_known
 
         if dataset is None:
             raise ValueError(f"{model_name} has no world of its own: name a dataset (e.g. counterfact_edit)")
         base, known_only = split_known(dataset)
         cases = load_cases(base)
-        if known_only:  # the facts the model answers top-1 before editing (kelib.known)
-            cases = known_cases(model, tok, cases, base)
+        if known_only:  # the facts the model answers top-1 before editing, less the tune split (kelib.known)
+            cases = eval_cases(model, tok, known_cases(model, tok, cases, base))
     if ability_tasks:
         evaluators["tasks"] = lm_eval_evaluator(list(ability_tasks), ability_limit, model_name)
     description = {"model": model_name, "data": dataset, "device": _device_name(device), "dtype": dtype}

@@ -7,7 +7,10 @@ The embedded models know their world by construction; a pretrained model knows p
 per weights (:func:`kelib.models.weights_fingerprint`), as the case ids in the dataset's order.
 
 A notebook asks for it by dataset name: ``counterfact_edit:known`` is the known subset of
-``counterfact_edit`` (:func:`kelib.experiments.load_setup`).
+``counterfact_edit`` (:func:`kelib.experiments.load_setup`), less the tune split: the first
+:data:`TUNE_FACTS` facts of :data:`TUNE_DATASET` the model knows are kept for choosing
+hyperparameters (SmolLM2's edited layers come from causal tracing on them,
+``benchmarks/trace_smollm2.py``) and are never edited or scored, whichever dataset a notebook edits.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from kelib.paths import cache_dir
 from kelib.tokens import TokenError, encode, pad_batch, with_target
 
 KNOWN_SUFFIX = ":known"
+TUNE_DATASET = "counterfact_edit"  # whose first TUNE_FACTS known facts (in its order) are the tune split
+TUNE_FACTS = 30  # the facts tuning reads and no notebook edits, whatever dataset it edits
 
 
 @torch.no_grad()
@@ -62,6 +67,21 @@ def known_cases(model, tok, cases: Sequence, dataset: str, progress: bool = True
         write_json(path, {"dataset": dataset, "n_cases": len(cases), "n_known": len(ids),
                           "known": [c.case_id for c in cases if c.case_id in ids]})
     return [c for c in cases if c.case_id in ids]
+
+
+def tune_cases(model, tok) -> list:
+    """The tune split: the first :data:`TUNE_FACTS` facts of :data:`TUNE_DATASET` the model knows, for
+    hyperparameter choices only (causal tracing picks SmolLM2's layers on them)."""
+    from kelib.data import load_cases
+
+    return known_cases(model, tok, load_cases(TUNE_DATASET), TUNE_DATASET)[:TUNE_FACTS]
+
+
+def eval_cases(model, tok, known: Sequence) -> list:
+    """``known`` (any dataset's :func:`known_cases`) less the tune split's facts, by case id (CounterFact
+    and its edit subset share ids): what notebooks edit and score."""
+    tuned = {c.case_id for c in tune_cases(model, tok)}
+    return [c for c in known if c.case_id not in tuned]
 
 
 def split_known(dataset: str) -> tuple[str, bool]:

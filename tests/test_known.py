@@ -48,3 +48,29 @@ def test_a_packaged_models_cache_folder_is_named_by_its_marker(tmp_path):
     assert packaged.packaged_name(tmp_path) is None
     write_json(tmp_path / "gguf.json", {"model": "smollm2-135m"})
     assert packaged.packaged_name(tmp_path) == "smollm2-135m"
+
+
+def test_known_facts_edited_never_include_the_tune_split(monkeypatch):
+    """The facts causal tracing chose SmolLM2's layers on (the tune split) are left out of every
+    ``:known`` dataset a notebook edits, matched by case id (CounterFact and its edit subset share ids)."""
+    from types import SimpleNamespace
+
+    from kelib import experiments
+
+    def fake(ids):
+        return [SimpleNamespace(case_id=f"counterfact/{i}") for i in ids]
+
+    tune_source = fake(range(0, 200, 2))  # the tune dataset's known facts, in its order
+    other = fake(range(0, 100))  # another dataset's known facts (ids overlap the tune split's)
+    monkeypatch.setattr(known, "known_cases",
+                        lambda model, tok, cases, dataset, progress=True: tune_source if dataset == known.TUNE_DATASET
+                        else other)
+    monkeypatch.setattr("kelib.data.load_cases", lambda name, **kw: [])
+    tune = known.tune_cases(None, None)
+    assert [c.case_id for c in tune] == [f"counterfact/{i}" for i in range(0, 2 * known.TUNE_FACTS, 2)]
+    edited = known.eval_cases(None, None, other)
+    assert {c.case_id for c in edited}.isdisjoint({c.case_id for c in tune})
+    assert len(edited) == 100 - known.TUNE_FACTS  # the others all stay
+    monkeypatch.setattr("kelib.models.load_model", lambda *a, **k: (None, SimpleNamespace(pad_token="x")))
+    setup = experiments.load_setup("some-model", "counterfact:known")
+    assert [c.case_id for c in setup.cases] == [c.case_id for c in edited]
