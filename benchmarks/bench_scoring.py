@@ -1,0 +1,130 @@
+"""The scoring and regularizer speed-ups of the embedded batch, each against the computation it replaced,
+measured in one run on the default model:
+
+    python benchmarks/bench_scoring.py              # 1 thread (what each local-executor worker gets)
+    python benchmarks/bench_scoring.py --threads 2
+
+- skill choices: :func:`kelib.embedded.report.choice_correct` (choices read from shared prompt rows)
+  against every prompt + choice as a padded row of its own (the code before), on every held-out
+  skill example;
+- RECT's mask: selection (``kthvalue``) against the stable sort of every relative change, on the
+  default model's edited-matrix shape;
+- GRACE's lookup: one matrix product with the nearest entries recomputed exactly, against exact
+  differences to every entry, for a 1,000-entry codebook and one evaluation batch of tokens.
+
+Each pair's results are checked equal before they are timed (best of ``--repeat``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from editing_speed import machine  # noqa: E402
+
+
+def best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@torch.no_grad()
+def choices_padded_rows(model, tok, examples, batch_size: int = 64) -> list[bool]:
+    """The computation choice_correct replaced: every prompt + choice as a padded row of its own,
+    batched, log-softmax over every position."""
+    from kelib.tokens import pad_batch
+
+    flat = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices))]
+    scores = torch.empty(len(flat))
+    for lo in range(0, len(flat), batch_size):
+        chunk = flat[lo : lo + batch_size]
+        seqs, spans = [], []
+        for i, c in chunk:
+            prompt_ids = tok(examples[i].prompt)["input_ids"]
+            choice_ids = tok(" " + examples[i].choices[c], add_special_tokens=False)["input_ids"]
+            seqs.append(prompt_ids + choice_ids)
+            spans.append((len(prompt_ids), len(prompt_ids) + len(choice_ids)))
+        ids, mask = pad_batch(seqs, tok.pad_token_id)
+        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        for row, (start, end) in enumerate(spans):
+            scores[lo + row] = logprobs[row, start - 1 : end - 1].gather(-1, ids[row, start:end][:, None]).sum()
+    correct, k = [], 0
+    for ex in examples:
+        correct.append(int(scores[k : k + len(ex.choices)].argmax()) == ex.label)
+        k += len(ex.choices)
+    return correct
+
+
+def rect_by_sort(delta, weight, k):
+    import math
+
+    from kelib.diagnostics import relative_change
+
+    rel = relative_change(delta, weight).flatten()
+    order = torch.argsort(rel, descending=True, stable=True)[: math.ceil(k * rel.numel())]
+    mask = torch.zeros(rel.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask.view_as(delta)
+
+
+def grace_exact(codebook, queries):
+    dists = torch.cdist(queries, codebook["keys"], compute_mode="donot_use_mm_for_euclid_dist")
+    nearest_dist, nearest = dists.min(1)
+    inside = nearest_dist <= codebook["epsilons"][nearest]
+    return torch.where(inside, nearest, -1), inside
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from kelib.editors.grace import lookup
+    from kelib.embedded.report import choice_correct, heldout_skills
+    from kelib.models import get_weight, load_model
+    from kelib.regularizers.rect import rect_mask
+
+    model, tok = load_model("kelib-default")
+    print(f"kelib-default on cpu: {machine('cpu')}; {args.threads} thread(s), best of {args.repeat}")
+    rows = []
+
+    examples = [ex for skill in heldout_skills("default").values() for ex in skill]
+    assert choice_correct(model, tok, examples) == choices_padded_rows(model, tok, examples)
+    rows.append((f"skill choices ({len(examples)} examples)", best(lambda: choices_padded_rows(model, tok, examples), args.repeat),
+                 best(lambda: choice_correct(model, tok, examples), args.repeat)))
+
+    generator = torch.Generator().manual_seed(0)
+    weight = get_weight(model, 1).float()
+    delta = 1e-3 * torch.randn(weight.shape, generator=generator)
+    assert torch.equal(rect_mask(delta, weight, 0.2), rect_by_sort(delta, weight, 0.2))
+    rows.append((f"RECT mask ({tuple(weight.shape)}, k 0.2)", best(lambda: rect_by_sort(delta, weight, 0.2), args.repeat),
+                 best(lambda: rect_mask(delta, weight, 0.2), args.repeat)))
+
+    d_in = weight.shape[1]
+    keys = 10 * torch.randn(1000, d_in, generator=generator)
+    codebook = {"keys": keys, "values": torch.zeros(1000, weight.shape[0]), "labels": ["x"] * 1000,
+                "epsilons": torch.full((1000,), float(d_in) ** 0.5 * 12)}
+    queries = keys[torch.randint(1000, (64 * 16,), generator=generator)] + 3 * torch.randn(64 * 16, d_in, generator=generator)
+    assert all(torch.equal(a, b) for a, b in zip(lookup(codebook, queries), grace_exact(codebook, queries)))
+    rows.append(("GRACE lookup (1,000 entries, 1,024 tokens)", best(lambda: grace_exact(codebook, queries), args.repeat),
+                 best(lambda: lookup(codebook, queries), args.repeat)))
+
+    print(f"{'':46s} {'before s':>10s} {'now s':>10s} {'ratio':>7s}")
+    for what, before, now in rows:
+        print(f"{what:46s} {before:10.4f} {now:10.4f} {before / now:6.1f}x")
+
+
+if __name__ == "__main__":
+    main()
