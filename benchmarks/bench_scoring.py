@@ -10,7 +10,11 @@ measured in one run on the default model:
 - RECT's mask: selection (``kthvalue``) against the stable sort of every relative change, on the
   default model's edited-matrix shape;
 - GRACE's lookup: one matrix product with the nearest entries recomputed exactly, against exact
-  differences to every entry, for a 1,000-entry codebook and one evaluation batch of tokens.
+  differences to every entry, for a 1,000-entry codebook and one evaluation batch of tokens;
+- held-out perplexity: windows batched by length, against batches in text order (every checkpoint of
+  every run scores the 196 held-out paragraphs);
+- key statistics: the corpus pass stopped after the last layer read, against the full forward with
+  the unembedding (once per model and corpus, at the start of a batch).
 
 Each pair's results are checked equal before they are timed (best of ``--repeat``).
 """
@@ -84,6 +88,49 @@ def grace_exact(codebook, queries):
     return torch.where(inside, nearest, -1), inside
 
 
+@torch.no_grad()
+def nll_in_text_order(model, tok, texts, seq_len: int = 128, batch_size: int = 32):
+    """The computation paragraph_nll replaced: windows batched in text order, full log-softmax."""
+    from kelib.tokens import pad_batch
+
+    windows, owner = [], []
+    for i, text in enumerate(texts):
+        ids = tok(text)["input_ids"]
+        for lo in range(0, max(len(ids) - 1, 0), seq_len):
+            if len(ids[lo : lo + seq_len]) >= 2:
+                windows.append(ids[lo : lo + seq_len])
+                owner.append(i)
+    total, count = [0.0] * len(texts), [0] * len(texts)
+    for lo in range(0, len(windows), batch_size):
+        chunk = windows[lo : lo + batch_size]
+        ids, mask = pad_batch(chunk, tok.pad_token_id)
+        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        nll = -logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+        for row, window in enumerate(chunk):
+            total[owner[lo + row]] += float(nll[row].sum())
+            count[owner[lo + row]] += len(window) - 1
+    keep = [i for i in range(len(texts)) if count[i]]
+    return [total[i] / count[i] for i in keep], [count[i] for i in keep]
+
+
+def stats_pass(model, tok, layers, spec, full_forward: bool):
+    """One pass of the key statistics' corpus, returning K Kᵀ per layer (no cache)."""
+    from kelib.models import capture, forward_through
+    from kelib.stats import _windows
+
+    sums = {layer: 0 for layer in layers}
+    for ids, mask in _windows(tok, spec, model):
+        with torch.no_grad(), capture(model, layers) as rec:
+            if full_forward:
+                model(input_ids=ids, attention_mask=mask)
+            else:
+                forward_through(model, ids, mask, max(layers))
+        for layer in layers:
+            keys = rec[layer]["key"][mask.bool()]
+            sums[layer] = sums[layer] + keys.T @ keys
+    return sums
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -120,6 +167,24 @@ def main() -> None:
     assert all(torch.equal(a, b) for a, b in zip(lookup(codebook, queries), grace_exact(codebook, queries)))
     rows.append(("GRACE lookup (1,000 entries, 1,024 tokens)", best(lambda: grace_exact(codebook, queries), args.repeat),
                  best(lambda: lookup(codebook, queries), args.repeat)))
+
+    from kelib.embedded.report import heldout_texts, paragraph_nll
+
+    texts = heldout_texts("default")
+    sorted_nll, text_order_nll = paragraph_nll(model, tok, texts), nll_in_text_order(model, tok, texts)
+    assert sorted_nll[1] == text_order_nll[1]
+    assert max(abs(a - b) for a, b in zip(sorted_nll[0], text_order_nll[0])) < 1e-4
+    rows.append((f"held-out NLL ({len(texts)} paragraphs)", best(lambda: nll_in_text_order(model, tok, texts), args.repeat),
+                 best(lambda: paragraph_nll(model, tok, texts), args.repeat)))
+
+    from kelib.stats import StatsSpec
+
+    spec, layers = StatsSpec(n_tokens=None, n_texts=200), [1, 2]
+    stopped, full = stats_pass(model, tok, layers, spec, False), stats_pass(model, tok, layers, spec, True)
+    assert all(torch.equal(stopped[layer], full[layer]) for layer in layers)
+    rows.append((f"key statistics pass (200 texts, layers {layers})",
+                 best(lambda: stats_pass(model, tok, layers, spec, True), args.repeat),
+                 best(lambda: stats_pass(model, tok, layers, spec, False), args.repeat)))
 
     print(f"{'':46s} {'before s':>10s} {'now s':>10s} {'ratio':>7s}")
     for what, before, now in rows:

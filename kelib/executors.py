@@ -75,10 +75,23 @@ def _call(work: Callable, args: tuple) -> tuple[str, Any]:
         return "error", traceback.format_exc()
 
 
+def longest_first(jobs: Sequence[tuple], cost: Callable[[tuple], float] | None) -> list[int]:
+    """The order to start ``jobs`` in: by decreasing ``cost`` (ties and no cost: as given).
+
+    Longest first keeps the workers busy to the end: a long run started last would leave the
+    others idle while it finishes alone."""
+    if cost is None:
+        return list(range(len(jobs)))
+    costs = [cost(job) for job in jobs]
+    return sorted(range(len(jobs)), key=lambda i: -costs[i])
+
+
 def run_local(work: Callable, jobs: Sequence[tuple], workers: int = 0, device: str = "cpu",
-              progress: bool = True, describe: Callable[[tuple], str] = str) -> list[Any]:
+              progress: bool = True, describe: Callable[[tuple], str] = str,
+              cost: Callable[[tuple], float] | None = None) -> list[Any]:
     """``[work(*job) for job in jobs]`` in worker processes (spawned: nothing of this process's state,
-    e.g. a loaded model, is inherited), in the jobs' order. ``work`` must be a module-level function.
+    e.g. a loaded model, is inherited), results in the jobs' order. ``work`` must be a module-level
+    function. Jobs start by decreasing ``cost`` (an estimate of their length; :func:`longest_first`).
 
     A job that raises makes this raise :class:`ExecutorError` with its traceback once every job has
     finished (the others' results are in the cache by then)."""
@@ -95,7 +108,7 @@ def run_local(work: Callable, jobs: Sequence[tuple], workers: int = 0, device: s
     failures = []
     with concurrent.futures.ProcessPoolExecutor(n, mp_context=context, initializer=_start_worker,
                                                 initargs=(slots, threads)) as pool:
-        futures = {pool.submit(_call, work, job): i for i, job in enumerate(jobs)}
+        futures = {pool.submit(_call, work, jobs[i]): i for i in longest_first(jobs, cost)}
         bar = tqdm(total=len(jobs), desc=f"runs ({n} processes)", unit="run", disable=not progress)
         for future in concurrent.futures.as_completed(futures):
             i = futures[future]

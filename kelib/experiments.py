@@ -234,7 +234,8 @@ def run_grid(
         jobs = [(setup.load_args, run, n_edits, list(checkpoints), hparams_overrides, max_eval_cases, first_case)
                 for run, name in zip(runs, names) if name not in blocked]
         run_local(_run_in_worker, jobs, workers, setup.load_args["device"], progress,
-                  describe=lambda job: run_setting(job[1]))
+                  describe=lambda job: run_setting(job[1]),
+                  cost=lambda job: estimated_seconds(job[1], n_edits, checkpoints))
     for run, name in zip(runs, names):
         if name in blocked:
             skipped.append(_not_run_record(run, blocked[name]))
@@ -252,6 +253,25 @@ def run_grid(
         setup.description["not run"] = "; ".join(
             f"{_setting(s['editor'], s['regularizer'])} ({_short(s['reason'])})" for s in skipped)
     return grid
+
+
+# Seconds per edit on the default model, one thread (measured in `make reproduce`'s 1,000-edit runs and
+# bench_editors.py --speed), and per checkpoint evaluation: only to start long runs first
+# (:func:`estimated_seconds`), never part of a result.
+EDIT_SECONDS = {"ROME": 0.15, "MEMIT": 0.2, "PMET": 0.5, "AlphaEdit": 1.0, "FT": 0.25, "GRACE": 0.08, "KN": 1.1,
+                "MEND": 0.03}
+REGULARIZER_FACTOR = {"D4S": 1.5}
+CHECKPOINT_SECONDS = 12.0
+
+
+def estimated_seconds(run: dict, n_edits: int, checkpoints: Sequence[int]) -> float:
+    """A rough length of ``run`` (a :func:`run_grid` run) of ``n_edits`` edits, to order work by: the
+    editor's seconds per edit (editors it does not know count as the slowest), its regularizer's
+    factor, and an evaluation per checkpoint."""
+    per_edit = EDIT_SECONDS.get(run["editor"], max(EDIT_SECONDS.values()))
+    per_edit *= REGULARIZER_FACTOR.get(run.get("regularizer", "none"), 1.0)
+    evaluations = len(set(checkpoints) | {0, n_edits}) if run.get("protocol", "sequential") == "sequential" else 1
+    return n_edits * per_edit + evaluations * CHECKPOINT_SECONDS
 
 
 RUN_KEYS = {"editor", "regularizer", "regularizer_params", "protocol", "batch_size", "overrides", "label"}

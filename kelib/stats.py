@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kelib.io import atomic_path, file_lock, sha256_file, stable_hash
-from kelib.models import capture, device_of, identity_fingerprint, module_name, same_device
+from kelib.models import capture, device_of, forward_through, identity_fingerprint, module_name, same_device
 from kelib.paths import bundled, cache_dir
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def _compute(model, tok, layers, spec: StatsSpec, part: str, progress: bool) -> 
             break
         ids, mask = (t.to(device) for t in batch)
         with torch.no_grad(), capture(model, layers, part) as rec:
-            model(input_ids=ids, attention_mask=mask)
+            forward_through(model, ids, mask, max(layers))
         keep = mask.bool()
         if last_only:  # right-padded: each row's last real token
             keep = torch.zeros_like(keep).scatter_(1, mask.sum(1, keepdim=True) - 1, True)

@@ -34,6 +34,12 @@ def test_local_jobs_run_in_other_processes_in_order_and_failures_carry_their_tra
         run_local(pid_and, [("ok",), ("fail",)], workers=2, progress=False)
 
 
+def started_at(value):
+    import time
+
+    return time.monotonic(), value  # CLOCK_MONOTONIC: one clock for every process of the machine
+
+
 def fresh_cache(tmp_path, name, kelib_cache, monkeypatch):
     """An empty run cache beside the session's built models and statistics."""
     root = tmp_path / name
@@ -79,3 +85,28 @@ def test_unknown_executor_and_a_hand_made_setup_are_clear_errors(micro):
         experiments.run_grid(setup, [{"editor": "ROME"}], n_edits=1, executor="slurmm")
     with pytest.raises(ConfigError, match="needs a setup made by load_setup"):
         experiments.run_grid(setup, [{"editor": "ROME"}], n_edits=1, executor="local")
+
+
+def test_jobs_start_longest_first_and_results_keep_the_given_order():
+    from kelib.executors import longest_first
+
+    jobs = [("short",), ("long",), ("middle",), ("long too",)]
+    cost = {"short": 1, "long": 10, "middle": 5, "long too": 10}
+    assert longest_first(jobs, lambda job: cost[job[0]]) == [1, 3, 2, 0]
+    assert longest_first(jobs, None) == [0, 1, 2, 3]
+    # one worker runs them one at a time in that order; the results still come back in the jobs' order
+    results = run_local(started_at, jobs, workers=1, progress=False, cost=lambda job: cost[job[0]])
+    assert [value for _, value in results] == ["short", "long", "middle", "long too"]
+    started = sorted(results)
+    assert [value for _, value in started] == ["long", "long too", "middle", "short"]
+
+
+def test_a_runs_estimated_length_orders_the_papers_runs_sensibly():
+    from kelib.experiments import estimated_seconds
+
+    def length(editor, regularizer="none", n=1000):
+        return estimated_seconds({"editor": editor, "regularizer": regularizer}, n, [100, 500])
+
+    assert length("PMET") > length("MEMIT", "D4S") > length("MEMIT") > length("ROME") > length("MEND")
+    assert length("ROME", n=100) < length("ROME", n=1000)
+    assert length("SomeNewEditor") >= length("KN")  # unknown editors are not started last

@@ -27,9 +27,8 @@ import torch
 
 from kelib.editors.base import EditResult, check_cases, register
 from kelib.editors.context import keys_at, lookup_index, memit_templates, split_template
-from kelib.editors.partial import forward_through
 from kelib.editors.target import TargetSettings, on_reference_path, optimize_cases, optimize_targets_reference
-from kelib.models import add_to_weight, capture, check_layer, device_of, get_weight, set_weight
+from kelib.models import add_to_weight, capture, check_layer, device_of, forward_through, get_weight, set_weight
 from kelib.stats import SecondMomentSettings
 from kelib.tokens import encode, pad_batch
 

@@ -106,21 +106,3 @@ def freeze_below(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, s
         for handle in handles:
             handle.remove()
     return Upper(model, start, entry["hidden"], calls)
-
-
-@torch.no_grad()
-def forward_through(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> None:
-    """A forward pass that stops once block ``layer`` has run: for hooks the caller registered on that
-    block or below (:func:`kelib.models.capture`), without the blocks above and the unembedding."""
-    block = get_module(model, architecture(model).blocks)[layer]
-
-    def stop(*_):
-        raise _Stop
-
-    handle = block.register_forward_hook(stop)  # after the caller's hooks on the same block
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
