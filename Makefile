@@ -44,7 +44,7 @@ test-slow: setup
 	$(OFFLINE) $(PY) -m pytest -q -m slow tests
 
 reproduce: setup
-	$(OFFLINE) $(PY) -m kelib reproduce
+	$(OFFLINE) $(PY) -m kelib reproduce --notebooks-at-once 2
 
 lab: setup
 	$(PY) -m jupyter lab notebooks/

@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                           "(VALUE read as YAML; repeatable), e.g. --set hparams=gpt2-xl")
     rep.add_argument("--no-preflight", action="store_true",
                      help="skip the preflight (kelib check) that runs before the first notebook")
+    rep.add_argument("--notebooks-at-once", type=int, default=1, metavar="N",
+                     help="notebooks executed side by side, each in its own process (default 1; make reproduce "
+                          "uses 2 on the embedded default: one notebook's last run or plots no longer leave "
+                          "a core idle)")
 
     pre = sub.add_parser(
         "check",
@@ -164,6 +168,9 @@ def _reproduce(args) -> int:
             print(f"kelib reproduce: --set needs KEY=VALUE, got {item!r}", file=sys.stderr)
             return 2
         overrides[key.strip()] = yaml.safe_load(value) if value else ""
+    if args.notebooks_at_once < 1:
+        print(f"kelib reproduce: --notebooks-at-once must be at least 1, got {args.notebooks_at_once}", file=sys.stderr)
+        return 2
     if args.device_map is not None:
         overrides["device_map"] = args.device_map
     if args.stats_corpus is not None:
@@ -178,6 +185,7 @@ def _reproduce(args) -> int:
             notebooks_dir=args.notebooks,
             progress_bar=False if args.no_progress else None,
             preflight=not args.no_preflight,
+            notebooks_at_once=args.notebooks_at_once,
         )
     except ReproduceError as err:
         print(f"kelib reproduce: {err}", file=sys.stderr)

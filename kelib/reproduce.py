@@ -17,7 +17,9 @@ Layout (one notebook per paper claim):
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import multiprocessing
 import os
 import re
 import shutil
@@ -447,6 +449,7 @@ def reproduce(
     log: Callable[[str], None] | None = None,
     overrides: dict[str, Any] | None = None,
     preflight: bool = True,
+    notebooks_at_once: int = 1,
 ) -> list[NotebookResult]:
     """Run every notebook with a YAML in ``variant_dir`` through papermill; return one result each.
 
@@ -466,12 +469,16 @@ def reproduce(
         preflight: first run :func:`kelib.preflight.check_variant` (config only, seconds) and log its
             report: editors that cannot run, MEND untrained, statistics unreachable, the memory plan.
             Its problems are reported, not fatal: the notebooks report such runs as not run.
+        notebooks_at_once: notebooks executed side by side, each in a process of its own. On the CPU,
+            two keep both cores busy while one notebook waits for its last run, loads its model or
+            plots; notebooks that share a run wait for the one computing it (the run folder is claimed).
+            Results and figures are the same as one at a time.
 
     Every params file is validated before anything runs (``ParamsError``). A failing notebook is reported
     with its cell and the others still run.
     """
-    import papermill as pm
-
+    if notebooks_at_once < 1:
+        raise ValueError(f"notebooks_at_once must be at least 1, got {notebooks_at_once}")
     log = log or (lambda line: print(line, flush=True))
     variant_dir = _resolve(variant_dir)
     variant = variant_dir.name
@@ -501,8 +508,9 @@ def reproduce(
         )
 
     library = library_digest(PARAMS_DIR)
-    results = []
     log(f"reproduce {variant}: {len(plan)} notebook(s) from {notebooks_dir} -> {out_root / variant}")
+    results: dict[str, NotebookResult] = {}
+    todo = []
     for i, (name, source, params) in enumerate(plan, 1):
         out_dir = out_root / variant / name
         output = runs_root / variant / f"{name}.ipynb"
@@ -512,40 +520,25 @@ def reproduce(
         prefix = f"[{i}/{len(plan)}] {name}"
         if reason is None:
             kept = output if output.exists() else None
-            results.append(NotebookResult(name, "skipped", 0.0, kept, out_dir))
+            results[name] = NotebookResult(name, "skipped", 0.0, kept, out_dir)
             log(f"{prefix}: skipped (inputs unchanged)")
             continue
-        if out_dir.exists():  # stale figures of an older version must not survive a re-run
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {} if timeout_per_cell is None else {"execution_timeout": timeout_per_cell}
-        start = time.perf_counter()
-        try:
-            pm.execute_notebook(
-                nb,
-                str(output),
-                parameters={**params, OUT_DIR_PARAM: str(out_dir)},
-                kernel_name=kernel_name,
-                cwd=str(source.parent),
-                progress_bar=progress_bar,
-                **engine_kwargs,
-            )
-        except Exception as err:  # noqa: BLE001 (a failing notebook must not stop the batch)
-            seconds = time.perf_counter() - start
-            message, cell = _failure_message(name, err, nb, _parameter_cells(nb)[0], output)
-            results.append(NotebookResult(name, "failed", seconds, output, out_dir, message, cell))
-            log(f"{prefix}: FAILED after {seconds:.1f}s ({reason}): {message}; see {output}")
-            continue
-        seconds = time.perf_counter() - start
-        if not (out_dir / NUMBERS_FILE).exists():
-            message = f"{name}: ran but wrote no {NUMBERS_FILE} to out_dir"
-            results.append(NotebookResult(name, "failed", seconds, output, out_dir, message))
-            log(f"{prefix}: FAILED after {seconds:.1f}s: {message}")
-            continue
-        io.write_json(out_dir / INPUTS_FILE, fingerprint)
-        results.append(NotebookResult(name, "ok", seconds, output, out_dir))
-        log(f"{prefix}: ok in {seconds:.1f}s ({reason})")
+        todo.append(_NotebookJob(name, prefix, reason, nb, source, params, fingerprint, out_dir, output, kernel_name,
+                                 timeout_per_cell, progress_bar and notebooks_at_once == 1))
+    if notebooks_at_once == 1 or len(todo) <= 1:
+        for job in todo:
+            results[job.name], line = _execute(job)
+            log(line)
+    else:
+        # spawned processes: each papermill run has its own kernel client and event loop
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(notebooks_at_once, mp_context=context) as pool:
+            log(f"reproduce {variant}: {notebooks_at_once} notebooks at a time")
+            for future in concurrent.futures.as_completed([pool.submit(_execute, job) for job in todo]):
+                result, line = future.result()
+                results[result.name] = result
+                log(line)
+    results = [results[name] for name, _, _ in plan]
 
     failed = [r for r in results if r.status == "failed"]
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
@@ -553,6 +546,60 @@ def reproduce(
     for r in failed:
         log(f"  FAILED {r.error}")
     return results
+
+
+@dataclass
+class _NotebookJob:
+    """One notebook to execute: everything :func:`_execute` needs, picklable for a worker process."""
+
+    name: str
+    prefix: str
+    reason: str
+    nb: Any
+    source: Path
+    params: dict
+    fingerprint: dict
+    out_dir: Path
+    output: Path
+    kernel_name: str
+    timeout_per_cell: float | None
+    progress_bar: bool
+
+
+def _execute(job: _NotebookJob) -> tuple[NotebookResult, str]:
+    """Execute one notebook through papermill into ``job.out_dir`` (cleared first: stale figures of an
+    older version must not survive a re-run); its result and the line to log."""
+    import papermill as pm
+
+    if job.out_dir.exists():
+        shutil.rmtree(job.out_dir)
+    job.out_dir.mkdir(parents=True)
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {} if job.timeout_per_cell is None else {"execution_timeout": job.timeout_per_cell}
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            job.nb,
+            str(job.output),
+            parameters={**job.params, OUT_DIR_PARAM: str(job.out_dir)},
+            kernel_name=job.kernel_name,
+            cwd=str(job.source.parent),
+            progress_bar=job.progress_bar,
+            **engine_kwargs,
+        )
+    except Exception as err:  # noqa: BLE001 (a failing notebook must not stop the batch)
+        seconds = time.perf_counter() - start
+        message, cell = _failure_message(job.name, err, job.nb, _parameter_cells(job.nb)[0], job.output)
+        return (NotebookResult(job.name, "failed", seconds, job.output, job.out_dir, message, cell),
+                f"{job.prefix}: FAILED after {seconds:.1f}s ({job.reason}): {message}; see {job.output}")
+    seconds = time.perf_counter() - start
+    if not (job.out_dir / NUMBERS_FILE).exists():
+        message = f"{job.name}: ran but wrote no {NUMBERS_FILE} to out_dir"
+        return (NotebookResult(job.name, "failed", seconds, job.output, job.out_dir, message),
+                f"{job.prefix}: FAILED after {seconds:.1f}s: {message}")
+    io.write_json(job.out_dir / INPUTS_FILE, job.fingerprint)
+    return (NotebookResult(job.name, "ok", seconds, job.output, job.out_dir),
+            f"{job.prefix}: ok in {seconds:.1f}s ({job.reason})")
 
 
 def _resolve(path: str | Path) -> Path:

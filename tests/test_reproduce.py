@@ -105,6 +105,26 @@ def test_rerun_skips_unchanged_reruns_after_param_change_and_on_force(batch):
     assert not (forced.out_dir / "stale.png").exists()  # a run starts from an empty out_dir
 
 
+def test_notebooks_side_by_side_give_the_results_of_one_at_a_time(batch, tmp_path):
+    """Two notebooks executed at once, each in its own process: the statuses, numbers, failure report
+    and files of the batch that ran them one after the other (its first run, x=3), in the plan's order."""
+    lines: list[str] = []
+    kwargs = {**batch["kwargs"], "out_root": tmp_path / "figures", "runs_root": tmp_path / "runs", "log": lines.append}
+    variant = _write_params(tmp_path / "params" / "smoke", double={"x": 3}, fails={})
+    together = _run(variant, notebooks_at_once=2, **kwargs)
+    assert "reproduce smoke: 2 notebooks at a time" in lines
+    serial = batch["results"]
+    assert [r.name for r in together] == ["double", "fails"]
+    assert [r.status for r in together] == [r.status for r in serial]
+    assert together[1].error == serial[1].error and together[1].cell == serial[1].cell
+    numbers = json.loads((together[0].out_dir / "numbers.json").read_text())
+    assert numbers["double"] == 6 and numbers["x"] == 3 and numbers["python"] == sys.executable
+    assert (together[0].out_dir / "table.md").read_text() == "| x | double |\n| ---: | ---: |\n| 3 | 6 |\n"
+    assert (together[0].out_dir / ".inputs.json").exists() and not (together[1].out_dir / ".inputs.json").exists()
+    with pytest.raises(ValueError, match="notebooks_at_once"):
+        _run(variant, notebooks_at_once=0, force=True, **kwargs)
+
+
 def test_library_changes_change_the_fingerprint(tmp_path):
     (tmp_path / "embedded.yaml").write_text("default: {epochs: 60}\n")
     (tmp_path / "hparams").mkdir()
@@ -213,6 +233,11 @@ def test_cli_exit_codes(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(rp, "reproduce", fake)
     assert main(["reproduce", "--params", str(bad)]) == 1
+    assert main(["reproduce", "--params", str(bad), "--notebooks-at-once", "0"]) == 2
+    assert "--notebooks-at-once must be at least 1" in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr(rp, "reproduce", lambda *a, **k: seen.update(k) or [])
+    assert main(["reproduce", "--notebooks-at-once", "2"]) == 0 and seen["notebooks_at_once"] == 2
     assert main(["check-notebooks", "--notebooks", str(FIXTURES)]) == 0
 
 
