@@ -194,6 +194,9 @@ def run_grid(
     ``hparams_overrides[editor]``), e.g. ``{"original_key_use": False}``; ``label`` then names the run
     in the table's ``editor`` column (``"ROME (corrected keys)"``), so that it is told apart from the
     editor's plain run (its first word should stay the editor's name: figures colour by it).
+    ``form`` edits the cases written in a question form (:mod:`kelib.question_forms`: ``true_false``,
+    ``multiple_choice``, ``direct``); the table then has a ``form`` column. ``direct`` is the cases as
+    they are, so its run is the one a run without ``form`` makes.
 
     Returns the runs' tidy tables stacked, with the run's settings as extra columns.
 
@@ -254,7 +257,7 @@ def run_grid(
     return grid
 
 
-RUN_KEYS = {"editor", "regularizer", "regularizer_params", "protocol", "batch_size", "overrides", "label"}
+RUN_KEYS = {"editor", "regularizer", "regularizer_params", "protocol", "batch_size", "overrides", "label", "form"}
 
 # Errors that mean "this run cannot run on this model", as opposed to a bug (see :func:`run_grid`).
 NOT_RUN_ERRORS = (EditError, ConfigError, ModelError)
@@ -321,6 +324,10 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
     unknown = sorted(set(run) - RUN_KEYS)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in run {run}; a run takes {sorted(RUN_KEYS)}")
+    if "form" in run:  # the same facts as a question form (kelib.question_forms); direct: the cases as they are
+        from kelib.question_forms import form_cases
+
+        cases = form_cases(cases, run["form"])
     overrides = {**((hparams_overrides or {}).get(editor) or {}), **(run.get("overrides") or {})}
     hparams = editor_hparams(setup, editor, overrides or None)
     regularizer = run.get("regularizer", "none")
@@ -355,8 +362,9 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
         table = edit_run.run()
     finally:
         edit_run.restore()
-    return table.assign(editor=run.get("label", editor), regularizer=regularizer, protocol=spec.protocol,
-                        batch_size=spec.batch_size, run_dir=str(out_dir))
+    table = table.assign(editor=run.get("label", editor), regularizer=regularizer, protocol=spec.protocol,
+                         batch_size=spec.batch_size, run_dir=str(out_dir))
+    return table.assign(form=run["form"]) if "form" in run else table
 
 
 def supports(editor: str, regularizer: str) -> bool:
