@@ -41,6 +41,7 @@ KEY_METRICS = {
     "efficacy_token_acc": "efficacy",
     "paraphrase_token_acc": "paraphrase",
     "neighborhood_token_acc": "specificity",
+    "multi_hop_success": "multi_hop",
 }
 
 
@@ -98,6 +99,21 @@ def load_setup(
         except ValueError as err:
             raise ConfigError(f"stats_corpus: {err}") from None
     model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map or None)
+    cases, evaluators, dataset = _cases_and_evaluators(model, tok, model_name, dataset, ability_tasks, ability_limit,
+                                                       n_facts, n_skill)
+    description = {"model": model_name, "data": dataset, "device": _device_name(device), "dtype": dtype}
+    if device_map:
+        description["device_map"] = device_map
+    if hparams:
+        description["hparams"] = hparams
+    if stats_corpus:
+        description["stats corpus"] = stats_corpus
+    return Setup(model_name, model, tok, cases, evaluators, description, hparams, stats_corpus, load_args)
+
+
+def _cases_and_evaluators(model, tok, model_name, dataset, ability_tasks, ability_limit, n_facts, n_skill):
+    """:func:`load_setup`'s cases and evaluators for a loaded model, and the dataset's description.
+    An MQuAKE dataset adds the ``multi_hop`` evaluator (:mod:`kelib.multihop`) over its cases."""
     evaluators = {}
     recipe = _recipe_name(model_name)
     if recipe is not None and dataset is None:
@@ -107,7 +123,7 @@ def load_setup(
         evaluators["abilities"] = abilities_evaluator(recipe, n_facts=n_facts, n_skill=n_skill)
         dataset = "world of the embedded model"
     else:
-        from kelib.data import load_cases
+        from kelib.data import DATASETS, load_cases, load_mquake
         from kelib.known import eval_cases, known_cases, split_known
 
         if dataset is None:
@@ -116,16 +132,27 @@ def load_setup(
         cases = load_cases(base)
         if known_only:  # the facts the model answers top-1 before editing, less the tune split (kelib.known)
             cases = eval_cases(model, tok, known_cases(model, tok, cases, base))
+        if DATASETS[base].schema == "mquake":  # its multi-hop questions, asked once their chain is edited
+            from kelib.multihop import multi_hop_evaluator
+
+            evaluators["multi_hop"] = multi_hop_evaluator(load_mquake(base), base)
     if ability_tasks:
         evaluators["tasks"] = lm_eval_evaluator(list(ability_tasks), ability_limit, model_name)
-    description = {"model": model_name, "data": dataset, "device": _device_name(device), "dtype": dtype}
-    if device_map:
-        description["device_map"] = device_map
-    if hparams:
-        description["hparams"] = hparams
-    if stats_corpus:
-        description["stats corpus"] = stats_corpus
-    return Setup(model_name, model, tok, cases, evaluators, description, hparams, stats_corpus, load_args)
+    return cases, evaluators, dataset
+
+
+def with_dataset(setup: Setup, dataset: str) -> Setup:
+    """``setup``'s model on another dataset's cases (``mquake_hard``, ``zsre``...), with the evaluators
+    :func:`load_setup` would give it, without loading the model again; worker processes load it from
+    the returned setup's arguments."""
+    if setup.load_args is None:
+        raise ConfigError("with_dataset needs a setup made by load_setup (it reuses its arguments)")
+    args = {**setup.load_args, "dataset": dataset}
+    cases, evaluators, data = _cases_and_evaluators(
+        setup.model, setup.tok, args["model_name"], dataset, args["ability_tasks"], args["ability_limit"],
+        args["n_facts"], args["n_skill"])
+    return dataclasses.replace(setup, cases=cases, evaluators=evaluators, load_args=args,
+                               description={**setup.description, "data": data})
 
 
 def editor_hparams(setup: Setup, editor: str, overrides: dict | None = None):
@@ -419,6 +446,18 @@ def summary(grid: pd.DataFrame, layer_metrics: Sequence[str] = ("l1", "condition
     last_layer = weights.groupby(keys).layer.transform("max")
     weights = weights[weights.layer == last_layer].pivot_table(index=keys, columns="metric", values="value")
     return scores.join(weights[list(layer_metrics)]).reset_index()
+
+
+def milestone_table(grid: pd.DataFrame, milestones: Sequence[int], metrics: Sequence[str],
+                    label: str = "setting") -> pd.DataFrame:
+    """D4S's Tables 2 and 3: per run and milestone (edits so far; those a run was evaluated at), the
+    edit metrics ``metrics`` (names as :func:`score_table` gives them) and ``average``, their mean.
+    A metric the dataset lacks (MQuAKE has no neighbourhood prompts: no specificity) is an empty
+    column and left out of the average."""
+    scores = score_table(grid, index=(label, "checkpoint"))
+    table = scores[scores.checkpoint.isin(list(milestones))].reindex(columns=[label, "checkpoint", *metrics])
+    table["average"] = table[list(metrics)].mean(axis=1)
+    return table.rename(columns={"checkpoint": "edits"}).reset_index(drop=True)
 
 
 def baseline(grid: pd.DataFrame) -> pd.Series:
