@@ -1,6 +1,6 @@
 """One fact, three question forms: D4S's data perspective, built from CounterFact / ZsRE cases.
 
-D4S (Huang et al., NeurIPS 2024, section 3) edits the same kinds of facts written as True/False
+D4S (Huang et al., NeurIPS 2024; its data perspective) edits the same kinds of facts written as True/False
 questions, multiple-choice questions and directly generated answers (its MQD dataset), and finds
 that the decline of the edited model follows the *form*: the perplexity of the editing targets and
 their length. MQD itself is not obtainable offline, so kelib builds an MQD-style set from the cases

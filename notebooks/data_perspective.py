@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # The data perspective: does the form of the edited knowledge matter? (D4S, section 3)
+# # The data perspective: does the form of the edited knowledge matter? (D4S)
 # Huang et al. (NeurIPS 2024) edit facts written as True/False questions, multiple-choice questions
 # and directly generated answers (their MQD dataset) and report that the model's decline after
 # editing depends on the form: it follows the **perplexity of the editing targets** and their
