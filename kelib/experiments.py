@@ -141,13 +141,16 @@ def _cases_and_evaluators(model, tok, model_name, dataset, ability_tasks, abilit
     return cases, evaluators, dataset
 
 
-def with_dataset(setup: Setup, dataset: str) -> Setup:
+def with_dataset(setup: Setup, dataset: str, abilities: bool = True) -> Setup:
     """``setup``'s model on another dataset's cases (``mquake_hard``, ``zsre``...), with the evaluators
     :func:`load_setup` would give it, without loading the model again; worker processes load it from
-    the returned setup's arguments."""
+    the returned setup's arguments. ``abilities=False`` leaves out the lm-eval tasks (a table of edit
+    metrics only, such as D4S's on MQuAKE, need not pay for them at every checkpoint)."""
     if setup.load_args is None:
         raise ConfigError("with_dataset needs a setup made by load_setup (it reuses its arguments)")
     args = {**setup.load_args, "dataset": dataset}
+    if not abilities:
+        args["ability_tasks"] = []
     cases, evaluators, data = _cases_and_evaluators(
         setup.model, setup.tok, args["model_name"], dataset, args["ability_tasks"], args["ability_limit"],
         args["n_facts"], args["n_skill"])

@@ -194,7 +194,7 @@ def records(table):
 
 numbers["table3_counterfact"] = records(table3)
 if mquake_dataset:
-    mq_setup = experiments.with_dataset(setup, mquake_dataset)
+    mq_setup = experiments.with_dataset(setup, mquake_dataset, abilities=False)  # Table 3: edit metrics only
     mq_runs = [r for r in runs if not mquake_settings or experiments.run_setting(r) in mquake_settings]
     mq_n = min(n_edits, len(mq_setup.cases))
     mq_grid = experiments.run_grid(mq_setup, mq_runs, n_edits=mq_n, checkpoints=[c for c in checkpoints if c < mq_n],

@@ -39,9 +39,10 @@ def test_multi_hop_success_compares_new_and_old_answers_per_question(tiny_gpt2):
 def test_the_runner_asks_only_the_chains_its_edits_completed(micro_dir, monkeypatch, tmp_path):
     from kelib import experiments
 
-    setup = experiments.load_setup("kelib-micro")
-    mq = experiments.with_dataset(setup, "mquake_hard")
-    assert mq.model is setup.model and mq.load_args["dataset"] == "mquake_hard"
+    setup = experiments.load_setup("kelib-micro", ability_tasks=["d4s"], ability_limit=2)
+    assert experiments.with_dataset(setup, "mquake_hard").load_args["ability_tasks"] == ["d4s"]
+    mq = experiments.with_dataset(setup, "mquake_hard", abilities=False)
+    assert mq.model is setup.model and mq.load_args["dataset"] == "mquake_hard" and mq.load_args["ability_tasks"] == []
     assert set(mq.evaluators) == {"multi_hop"} and mq.description["data"] == "mquake_hard"
     assert [c.case_id for c in mq.cases[:4]] == [e.case_id for e in load_mquake(limit=1)[0].edits]
     monkeypatch.setattr(experiments, "cache_dir", lambda *parts: tmp_path.joinpath(*parts))
