@@ -4,6 +4,8 @@ A small library behind one notebook per paper claim (RECT, D4S, PRUNE). Modules 
 
 - ``kelib.models``      load a causal LM, address and read/write the edited MLP projection, capture keys/values
 - ``kelib.data``        edit cases (CounterFact, ZsRE, MQuAKE) in one record type
+- ``kelib.question_forms`` one fact as a True/False, multiple-choice or direct question (D4S's data perspective)
+- ``kelib.multihop``    MQuAKE's multi-hop questions, asked of a run once its edits complete a chain
 - ``kelib.stats``       key second moments C = E[k kᵀ], cached on disk
 - ``kelib.metrics``     edit metrics (efficacy, paraphrase, specificity) and weight diagnostics
 - ``kelib.editors``     ROME, MEMIT, FT, AlphaEdit: each computes ΔW per layer, never applies it

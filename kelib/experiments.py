@@ -41,6 +41,7 @@ KEY_METRICS = {
     "efficacy_token_acc": "efficacy",
     "paraphrase_token_acc": "paraphrase",
     "neighborhood_token_acc": "specificity",
+    "multi_hop_success": "multi_hop",
 }
 
 
@@ -98,6 +99,21 @@ def load_setup(
         except ValueError as err:
             raise ConfigError(f"stats_corpus: {err}") from None
     model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map or None)
+    cases, evaluators, dataset = _cases_and_evaluators(model, tok, model_name, dataset, ability_tasks, ability_limit,
+                                                       n_facts, n_skill)
+    description = {"model": model_name, "data": dataset, "device": _device_name(device), "dtype": dtype}
+    if device_map:
+        description["device_map"] = device_map
+    if hparams:
+        description["hparams"] = hparams
+    if stats_corpus:
+        description["stats corpus"] = stats_corpus
+    return Setup(model_name, model, tok, cases, evaluators, description, hparams, stats_corpus, load_args)
+
+
+def _cases_and_evaluators(model, tok, model_name, dataset, ability_tasks, ability_limit, n_facts, n_skill):
+    """:func:`load_setup`'s cases and evaluators for a loaded model, and the dataset's description.
+    An MQuAKE dataset adds the ``multi_hop`` evaluator (:mod:`kelib.multihop`) over its cases."""
     evaluators = {}
     recipe = _recipe_name(model_name)
     if recipe is not None and dataset is None:
@@ -107,7 +123,7 @@ def load_setup(
         evaluators["abilities"] = abilities_evaluator(recipe, n_facts=n_facts, n_skill=n_skill)
         dataset = "world of the embedded model"
     else:
-        from kelib.data import load_cases
+        from kelib.data import DATASETS, load_cases, load_mquake
         from kelib.known import eval_cases, known_cases, split_known
 
         if dataset is None:
@@ -116,16 +132,30 @@ def load_setup(
         cases = load_cases(base)
         if known_only:  # the facts the model answers top-1 before editing, less the tune split (kelib.known)
             cases = eval_cases(model, tok, known_cases(model, tok, cases, base))
+        if DATASETS[base].schema == "mquake":  # its multi-hop questions, asked once their chain is edited
+            from kelib.multihop import multi_hop_evaluator
+
+            evaluators["multi_hop"] = multi_hop_evaluator(load_mquake(base), base)
     if ability_tasks:
         evaluators["tasks"] = lm_eval_evaluator(list(ability_tasks), ability_limit, model_name)
-    description = {"model": model_name, "data": dataset, "device": _device_name(device), "dtype": dtype}
-    if device_map:
-        description["device_map"] = device_map
-    if hparams:
-        description["hparams"] = hparams
-    if stats_corpus:
-        description["stats corpus"] = stats_corpus
-    return Setup(model_name, model, tok, cases, evaluators, description, hparams, stats_corpus, load_args)
+    return cases, evaluators, dataset
+
+
+def with_dataset(setup: Setup, dataset: str, abilities: bool = True) -> Setup:
+    """``setup``'s model on another dataset's cases (``mquake_hard``, ``zsre``...), with the evaluators
+    :func:`load_setup` would give it, without loading the model again; worker processes load it from
+    the returned setup's arguments. ``abilities=False`` leaves out the lm-eval tasks (a table of edit
+    metrics only, such as D4S's on MQuAKE, need not pay for them at every checkpoint)."""
+    if setup.load_args is None:
+        raise ConfigError("with_dataset needs a setup made by load_setup (it reuses its arguments)")
+    args = {**setup.load_args, "dataset": dataset}
+    if not abilities:
+        args["ability_tasks"] = []
+    cases, evaluators, data = _cases_and_evaluators(
+        setup.model, setup.tok, args["model_name"], dataset, args["ability_tasks"], args["ability_limit"],
+        args["n_facts"], args["n_skill"])
+    return dataclasses.replace(setup, cases=cases, evaluators=evaluators, load_args=args,
+                               description={**setup.description, "data": data})
 
 
 def editor_hparams(setup: Setup, editor: str, overrides: dict | None = None):
@@ -194,6 +224,9 @@ def run_grid(
     ``hparams_overrides[editor]``), e.g. ``{"original_key_use": False}``; ``label`` then names the run
     in the table's ``editor`` column (``"ROME (corrected keys)"``), so that it is told apart from the
     editor's plain run (its first word should stay the editor's name: figures colour by it).
+    ``form`` edits the cases written in a question form (:mod:`kelib.question_forms`: ``true_false``,
+    ``multiple_choice``, ``direct``); the table then has a ``form`` column. ``direct`` is the cases as
+    they are, so its run is the one a run without ``form`` makes.
 
     Returns the runs' tidy tables stacked, with the run's settings as extra columns.
 
@@ -274,7 +307,7 @@ def estimated_seconds(run: dict, n_edits: int, checkpoints: Sequence[int]) -> fl
     return n_edits * per_edit + evaluations * CHECKPOINT_SECONDS
 
 
-RUN_KEYS = {"editor", "regularizer", "regularizer_params", "protocol", "batch_size", "overrides", "label"}
+RUN_KEYS = {"editor", "regularizer", "regularizer_params", "protocol", "batch_size", "overrides", "label", "form"}
 
 # Errors that mean "this run cannot run on this model", as opposed to a bug (see :func:`run_grid`).
 NOT_RUN_ERRORS = (EditError, ConfigError, ModelError)
@@ -341,6 +374,10 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
     unknown = sorted(set(run) - RUN_KEYS)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in run {run}; a run takes {sorted(RUN_KEYS)}")
+    if "form" in run:  # the same facts as a question form (kelib.question_forms); direct: the cases as they are
+        from kelib.question_forms import form_cases
+
+        cases = form_cases(cases, run["form"])
     overrides = {**((hparams_overrides or {}).get(editor) or {}), **(run.get("overrides") or {})}
     hparams = editor_hparams(setup, editor, overrides or None)
     regularizer = run.get("regularizer", "none")
@@ -375,8 +412,9 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
         table = edit_run.run()
     finally:
         edit_run.restore()
-    return table.assign(editor=run.get("label", editor), regularizer=regularizer, protocol=spec.protocol,
-                        batch_size=spec.batch_size, run_dir=str(out_dir))
+    table = table.assign(editor=run.get("label", editor), regularizer=regularizer, protocol=spec.protocol,
+                         batch_size=spec.batch_size, run_dir=str(out_dir))
+    return table.assign(form=run["form"]) if "form" in run else table
 
 
 def supports(editor: str, regularizer: str) -> bool:
@@ -431,6 +469,18 @@ def summary(grid: pd.DataFrame, layer_metrics: Sequence[str] = ("l1", "condition
     last_layer = weights.groupby(keys).layer.transform("max")
     weights = weights[weights.layer == last_layer].pivot_table(index=keys, columns="metric", values="value")
     return scores.join(weights[list(layer_metrics)]).reset_index()
+
+
+def milestone_table(grid: pd.DataFrame, milestones: Sequence[int], metrics: Sequence[str],
+                    label: str = "setting") -> pd.DataFrame:
+    """D4S's Tables 2 and 3: per run and milestone (edits so far; those a run was evaluated at), the
+    edit metrics ``metrics`` (names as :func:`score_table` gives them) and ``average``, their mean.
+    A metric the dataset lacks (MQuAKE has no neighbourhood prompts: no specificity) is an empty
+    column and left out of the average."""
+    scores = score_table(grid, index=(label, "checkpoint"))
+    table = scores[scores.checkpoint.isin(list(milestones))].reindex(columns=[label, "checkpoint", *metrics])
+    table["average"] = table[list(metrics)].mean(axis=1)
+    return table.rename(columns={"checkpoint": "edits"}).reset_index(drop=True)
 
 
 def baseline(grid: pd.DataFrame) -> pd.Series:

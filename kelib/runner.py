@@ -11,7 +11,8 @@ Protocols (named as in RECT's paper):
 At every checkpoint the runner writes, per edited layer, :func:`kelib.diagnostics.weight_diagnostics`
 of W (L1 norm, Frobenius norm, σmax, σmin, condition number) and of the cumulative update ΔW = W - W_0,
 plus the edit metrics of the edits so far and any extra evaluators' numbers, as a tidy table (one
-row per checkpoint x scope x layer x metric).
+row per checkpoint x scope x layer x metric). An evaluator with ``takes_edits`` set is also given the
+cases edited so far (MQuAKE's multi-hop questions ask only about the chains they complete).
 
 With an ``out_dir`` the run is kept in a folder (:mod:`kelib.runstore`): at every checkpoint the
 table and everything the rest of the run depends on (edited weights, editor and regularizer state,
@@ -401,7 +402,10 @@ class EditRun:
         """Rows of every evaluator's means; returns the per-example scores they gave, by evaluator."""
         examples = {}
         for name, evaluate in self.evaluators.items():
-            result = evaluate(self.model, self.tok)
+            if getattr(evaluate, "takes_edits", False):  # asks about the edits so far (kelib.multihop)
+                result = evaluate(self.model, self.tok, self.cases[:checkpoint])
+            else:
+                result = evaluate(self.model, self.tok)
             for metric, value in result.items():
                 self.rows.append(self._row(checkpoint, name, None, metric, value))
             examples[name] = examples_of(result)

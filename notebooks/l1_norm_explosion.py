@@ -22,6 +22,8 @@
 # GRACE, another of the paper's baselines, keeps its edits in a codebook and never changes the
 # weights: its line is flat by design. PMET's L1 here is that of the MLP output projections; its
 # attention-output diagnostics are in the run's table under scope `weights:attn_out`.
+# The last sections show the same runs layer by layer (the paper plots each edited layer) and as
+# D4S's Table 3: edit metrics at 100, 500 and 1,000 edits on CounterFact, and on MQuAKE when asked.
 
 # %% tags=["parameters"]
 out_dir: str = "../figures/default/l1_norm_explosion"  # where figures, tables and numbers go
@@ -38,6 +40,9 @@ n_edits: int = 1000  # sequential edits per run
 checkpoints: list = [100, 250, 500, 750]  # intermediate evaluations
 executor: str = "inline"  # where runs compute: inline (one after another, here) or local (worker processes)
 workers: int = 0  # processes of the local executor; 0: one per CPU core (one per GPU on cuda)
+table_milestones: list = [100, 500, 1000]  # D4S's Tables 2 and 3: edit metrics after these many edits (those evaluated)
+mquake_dataset: str = ""  # MQuAKE rewrites for D4S's Table 3 (mquake_hard, bundled); empty: no MQuAKE table
+mquake_settings: list = []  # the runs (as named in the figures, e.g. "MEMIT + D4S") also made on MQuAKE; empty: all
 runs: list = [  # D4S's baselines (ROME, MEMIT, PMET, GRACE, FT) and D4S itself
     {"editor": "ROME", "batch_size": 1},
     {"editor": "MEMIT", "batch_size": 1},
@@ -137,6 +142,75 @@ numbers["l1_growth_halves"] = {name: dict(zip(["first_half", "second_half"], ver
                                for name, c in l1.groupby("setting") if name in judged}
 numbers["verdicts"] = experiments.print_verdicts([*bounded.values(), *d4s_verdicts], missing)
 plotting.write_numbers(out_dir, numbers)
+
+# %% [markdown]
+# **Layer by layer.** D4S plots the L1 norm of each edited layer; the figures above sum them. Here
+# each edited layer's MLP output projection, relative to its own unedited norm, from the same runs
+# (the runner records every edited layer at every checkpoint; nothing is recomputed).
+
+# %%
+per_layer = weights[weights.metric == "l1"].sort_values("checkpoint")[["setting", "checkpoint", "layer", "value"]]
+per_layer = per_layer.rename(columns={"value": "l1"}).astype({"layer": int})
+per_layer["l1_ratio"] = per_layer.l1 / per_layer.groupby(["setting", "layer"]).l1.transform("first")
+plotting.save_table(per_layer.round(5), out_dir, "l1_per_layer")
+settings = sorted(per_layer.setting.unique())
+fig, axes = plt.subplots(1, len(settings), figsize=(2.9 * len(settings), 3.0), sharex=True, squeeze=False)
+for ax, s in zip(axes[0], settings):
+    mine = per_layer[per_layer.setting == s]
+    sns.lineplot(data=mine, x="checkpoint", y="l1_ratio", hue="layer", marker="o", palette="viridis", ax=ax,
+                 legend="full")
+    if mine.l1_ratio.max() > 10:  # an explosion: log scale; a growth of a few percent stays readable on a linear one
+        ax.set_yscale("log")
+    ax.set_title(s)
+    ax.set_xlabel("sequential edits")
+    ax.set_ylabel("L1 of the layer / before" if ax is axes[0][0] else "")
+    ax.legend(title="layer", fontsize=7)
+plotting.provenance_caption(fig, {**setup.description, "n_edits": n_edits, "batch": 1, "weights": "MLP output"})
+plotting.save_figure(fig, out_dir, "l1_per_layer")
+numbers["l1_ratio_final_per_layer"] = {s: {str(layer): float(r) for layer, r in f.groupby("layer").l1_ratio.last().items()}
+                                       for s, f in per_layer.groupby("setting")}
+per_layer[per_layer.checkpoint == per_layer.checkpoint.max()].pivot_table(index="setting", columns="layer",
+                                                                          values="l1_ratio").round(2)
+
+# %% [markdown]
+# **D4S's Table 3.** Efficacy, paraphrase and specificity of the edits so far, and their average, at
+# D4S's milestones, from the same runs. At an intermediate milestone the runner scores up to 100 of
+# the edits so far, evenly spaced; at the last, every edit. On MQuAKE (when `mquake_dataset` names
+# one) the same editors make the same number of sequential edits of its rewrites, each case's
+# rewrites in a row, and the generalisation column is **multi-hop**: whether the new answer beats the
+# old on the multi-hop questions of the cases whose every rewrite is in (`kelib.multihop`; a likelihood
+# comparison, not MQuAKE's generation with exact match). MQuAKE has no neighbourhood prompts, so no
+# specificity: its average is over efficacy and multi-hop.
+
+# %%
+evaluated = sorted({*checkpoints, n_edits} - {0})
+milestones = [m for m in table_milestones if m in evaluated] or evaluated
+table3 = experiments.milestone_table(grid, milestones, ["efficacy", "paraphrase", "specificity"])
+plotting.save_table(table3.round(4), out_dir, "table3_counterfact")
+def records(table):
+    """The table's rows for numbers.json, an empty cell as null."""
+    return table.astype(object).where(table.notna(), None).to_dict("records")
+
+
+numbers["table3_counterfact"] = records(table3)
+if mquake_dataset:
+    mq_setup = experiments.with_dataset(setup, mquake_dataset, abilities=False)  # Table 3: edit metrics only
+    mq_runs = [r for r in runs if not mquake_settings or experiments.run_setting(r) in mquake_settings]
+    mq_n = min(n_edits, len(mq_setup.cases))
+    mq_grid = experiments.run_grid(mq_setup, mq_runs, n_edits=mq_n, checkpoints=[c for c in checkpoints if c < mq_n],
+                                   executor=executor, workers=workers)
+    plotting.save_table(experiments.not_run(mq_grid), out_dir, "not_run_mquake")
+    mq_grid["setting"] = mq_grid.editor + np.where(mq_grid.regularizer == "none", "", " + " + mq_grid.regularizer)
+    mq_evaluated = sorted({*mq_grid.checkpoint.unique()} - {0})
+    mq_table = experiments.milestone_table(mq_grid, [m for m in table_milestones if m in mq_evaluated] or mq_evaluated,
+                                           ["efficacy", "multi_hop", "specificity"])
+    plotting.save_table(mq_table.round(4), out_dir, "table3_mquake")
+    numbers["not_run_mquake"] = experiments.not_run(mq_grid).to_dict("records")
+    numbers["table3_mquake"] = records(mq_table)
+    print(f"MQuAKE ({mquake_dataset}, {mq_n} sequential edits):")
+    print(mq_table.round(3).to_string(index=False))
+plotting.write_numbers(out_dir, numbers)
+table3.round(3)
 
 # %% [markdown]
 # **Claim:** the L1 norm of edited layers explodes with sequential edits and tracks the drop in

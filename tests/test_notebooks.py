@@ -1,6 +1,7 @@
 """Every notebook runs end to end with its smoke params (micro model) and writes the numbers it claims."""
 
 import json
+import math
 
 import pytest
 
@@ -120,3 +121,47 @@ def test_a_run_that_cannot_run_is_saved_in_the_table_and_numbers(tmp_path, micro
     assert "no_such_knob" in (out / "not_run.md").read_text()
     assert set(json.loads((out / "numbers.json").read_text())["l1_ratio_final"]) == {"ROME"}
     assert (out / "l1_norm_vs_edits.png").exists()
+
+
+def test_data_perspective_notebook_edits_each_form_and_judges_them(smoke):
+    n = numbers(smoke, "data_perspective")
+    settings = {"ROME (True/False)", "ROME (multiple choice)", "ROME (direct generation)"}
+    assert set(n["abilities_mean_final"]) == settings and n["forms"] == ["true_false", "multiple_choice", "direct"]
+    targets = n["target_statistics"]
+    assert set(targets) == set(n["forms"])
+    for stats in targets.values():
+        assert stats["target_perplexity"] == pytest.approx(math.exp(stats["target_nll"]))
+        assert stats["target_tokens"] >= 1
+    for setting, mean in n["abilities_mean_final"].items():
+        assert n["ability_change_final"][setting] == pytest.approx(mean - n["abilities_mean_unedited"])
+        verdict = n["verdicts"][f"{setting} lowers the mean ability"]
+        assert n["mean_ability_verdict"][setting] == verdict["outcome"]
+    # ROME: the form with the most perplexing targets against the least, and direct generation against each form
+    assert len(n["form_verdicts"]) in (2, 3)
+    for claim, outcome in n["form_verdicts"].items():
+        verdict = n["verdicts"][claim]
+        assert outcome == verdict["outcome"] and verdict["low"] <= verdict["estimate"] <= verdict["high"]
+        assert (verdict["high"] < 0) == (outcome == "holds") and (verdict["low"] > 0) == (outcome == "does not hold")
+
+
+def test_l1_notebook_shows_each_layer_and_d4s_table3(smoke):
+    import pandas as pd
+
+    n = numbers(smoke, "l1_norm_explosion")
+    out = smoke[1] / "l1_norm_explosion"
+    per_layer = pd.read_csv(out / "l1_per_layer.csv")
+    for setting, ratio in n["l1_ratio_final"].items():  # the summed curve is the layers' sum, from the same runs
+        mine = per_layer[per_layer.setting == setting]
+        first, last = mine[mine.checkpoint == 0], mine[mine.checkpoint == mine.checkpoint.max()]
+        assert last.l1.sum() / first.l1.sum() == pytest.approx(ratio, rel=1e-4), setting
+        assert set(n["l1_ratio_final_per_layer"][setting]) == {str(layer) for layer in mine.layer}
+    table = n["table3_counterfact"]
+    assert {r["setting"] for r in table} == set(n["l1_ratio_final"])
+    assert sorted({r["edits"] for r in table}) == [2, 4]  # the smoke run reaches none of 100/500/1000: every checkpoint
+    for row in table:
+        assert row["average"] == pytest.approx((row["efficacy"] + row["paraphrase"] + row["specificity"]) / 3)
+    mquake = {r["edits"]: r for r in n["table3_mquake"]}
+    assert {r["setting"] for r in n["table3_mquake"]} == {"ROME"} and n["not_run_mquake"] == []
+    assert mquake[2]["multi_hop"] is None  # 2 of a case's 4 rewrites: no chain complete, nothing asked
+    assert 0 <= mquake[4]["multi_hop"] <= 1 and mquake[4]["specificity"] is None  # MQuAKE has no neighbours
+    assert mquake[4]["average"] == pytest.approx((mquake[4]["efficacy"] + mquake[4]["multi_hop"]) / 2)

@@ -85,3 +85,37 @@ def test_a_run_can_override_its_editors_hparams_under_a_label(micro, micro_stats
     assert grid.run_dir.nunique() == 2  # two hyperparameter sets, two runs
     with pytest.raises(ValueError, match="unknown key"):
         experiments.run_grid(setup, [{"editor": "ROME", "overide": {}}], n_edits=1, progress=False)
+
+
+def _params(variant, notebook):
+    """The notebook's parameters as the variant runs it: its defaults, updated by the params file."""
+    from kelib.preflight import notebook_settings
+
+    params = yaml.safe_load((REPO_DIR / "params" / variant / f"{notebook}.yaml").read_text())
+    return notebook_settings(REPO_DIR / "notebooks" / f"{notebook}.py", params)
+
+
+@pytest.mark.parametrize("variant", [*sorted(PAPER_MODELS), "smollm2-135m", "smoke"])
+def test_data_perspective_edits_what_the_l1_notebook_edits(variant):
+    """The direct form's runs are the L1 notebook's (same model, cases, tasks, edits and checkpoints):
+    computed once; every form of the question is edited."""
+    from kelib.experiments import run_setting
+    from kelib.question_forms import FORMS
+
+    forms, l1 = _params(variant, "data_perspective"), _params(variant, "l1_norm_explosion")
+    for key in ("model_name", "dataset", "device", "dtype", "stats_corpus", "ability_tasks", "ability_limit",
+                "n_edits", "checkpoints"):
+        assert forms.get(key) == l1.get(key), key
+    assert sorted(forms["forms"]) == sorted(FORMS)
+    l1_runs = {run_setting(r) for r in l1["runs"] if r.get("batch_size") == 1 and "overrides" not in r}
+    assert set(forms["editors"]) <= l1_runs
+
+
+@pytest.mark.parametrize("variant", [*sorted(PAPER_MODELS), "smollm2-135m"])
+def test_mquake_table_runs_d4s_table3_editors(variant):
+    from kelib.experiments import run_setting
+
+    l1 = _params(variant, "l1_norm_explosion")
+    assert l1["mquake_dataset"] == "mquake_hard"
+    assert sorted(l1["mquake_settings"]) == sorted(["FT", "ROME", "MEMIT", "GRACE", "PMET", "MEMIT + D4S"])
+    assert set(l1["mquake_settings"]) <= {run_setting(r) for r in l1["runs"]}
