@@ -400,7 +400,8 @@ def _ended_state(job) -> str:
         from submitit.core.utils import pickle_load
 
         outcome, value = pickle_load(job.paths.result_pickle)
-        return "done" if outcome == "success" and str(value) == "done" else (
-            f"{value}" if outcome == "success" else "failed")
+        if outcome != "success":
+            return "failed"
+        return value if isinstance(value, str) and value.startswith("not run") else "done"
     return "ended without a result"
 

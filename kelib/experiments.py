@@ -137,6 +137,26 @@ def editor_hparams(setup: Setup, editor: str, overrides: dict | None = None):
     return load_hparams(editor, setup.model_name, overrides or None, hparams_set=setup.hparams_set)
 
 
+def key_statistics(model_name: str, layers: Sequence[int] | None = None, editor: str = "MEMIT",
+                   hparams: str | None = None, stats_corpus: str | None = None, device: str = "cpu",
+                   dtype: str = "float32", device_map: str | None = None, progress: bool = True) -> dict[int, str]:
+    """Compute (or find) the key statistics C0 that ``editor`` uses on ``model_name`` for ``layers``
+    (default: the editor's layers), in the cache every run reads (``<cache>/stats/``, under the same
+    lock): what ``kelib stats`` does, so that a cluster computes them once before the grid. One pass
+    over the corpus serves every layer. Returns ``{layer: file}``."""
+    from kelib.models import load_model
+    from kelib.stats import SecondMomentSettings, stats_path, stats_spec_for
+
+    model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map or None)
+    setup = Setup(model_name, model, tok, [], {}, hparams_set=hparams or None, stats_corpus=stats_corpus or None)
+    settings = editor_hparams(setup, editor)
+    if not isinstance(settings, SecondMomentSettings):
+        raise ConfigError(f"{editor} uses no key statistics; name an editor that does (ROME, MEMIT, ...)")
+    layers = list(layers or settings.layers)
+    statistics_for(model, tok, settings, progress=progress).prefetch(layers)
+    return {layer: str(stats_path(model, layer, stats_spec_for(settings))) for layer in layers}
+
+
 def _run_meta(setup: Setup, hparams) -> dict:
     """What a run's identity adds about the model and its statistics: the model's name and, for a
     folder corpus, its contents' hash (the hparams hold only its path)."""

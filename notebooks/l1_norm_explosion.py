@@ -36,7 +36,7 @@ hparams: str = ""  # editors' hyperparameter set for a model given by a path (gp
 stats_corpus: str = ""  # text of the key statistics C0; empty: the editors hparams (Wikipedia for real models, as the papers); wikitext2 offline; or a folder of .txt files
 n_edits: int = 1000  # sequential edits per run
 checkpoints: list = [100, 250, 500, 750]  # intermediate evaluations
-executor: str = "inline"  # where runs compute: inline (one after another, here) or local (worker processes)
+executor: object = "inline"  # where runs compute: inline (one after another, here), local (worker processes), slurm, or a mapping {name: slurm, partition: gpu, ...} (Slurm jobs through submitit; options: kelib.cluster.SlurmOptions)
 workers: int = 0  # processes of the local executor; 0: one per CPU core (one per GPU on cuda)
 runs: list = [  # D4S's baselines (ROME, MEMIT, PMET, GRACE, FT) and D4S itself
     {"editor": "ROME", "batch_size": 1},

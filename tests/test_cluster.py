@@ -2,6 +2,7 @@
 machine, no Slurm needed. Its table equals inline's; a preempted or killed job resumes its run."""
 
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -208,7 +209,7 @@ def test_an_interrupted_job_resumes_its_run_and_gives_the_uninterrupted_table(ho
 
 
 def test_a_failed_job_is_shown_with_its_log_and_not_retried(micro_dir, kelib_cache, tmp_path, monkeypatch,
-                                                             one_thread):
+                                                             one_thread, capsys):
     import cluster_jobs
 
     setup = small_setup()
@@ -218,6 +219,10 @@ def test_a_failed_job_is_shown_with_its_log_and_not_retried(micro_dir, kelib_cac
                                         r"this job fails on purpose.*log: .*/jobs/slurm/\d+/\d+_0_log\.err"):
         experiments.run_grid(setup, RUNS[:1], n_edits=2, executor=LOCAL, progress=False)
     assert len(list((tmp_path / "jobs" / "jobs" / "slurm").glob("[0-9]*"))) == 1  # not submitted again
+    from kelib.cli import main
+
+    assert main(["collect"]) == 1  # kelib collect lists it, failed, with its log
+    assert re.search(r"ROME: job \d+ \(local, submitted .*\): failed  log: .*_log\.err", capsys.readouterr().out)
 
 
 @pytest.mark.slow  # a job process
@@ -269,3 +274,38 @@ def test_a_claimed_run_folder_makes_a_second_process_wait_then_read_the_run(micr
     second.join(timeout=120)
     assert not second.is_alive() and experiments.run_folder(setup, RUNS[0], **grid) == (folder, True)
     assert set(result["grid"].run_dir) == {str(folder)}
+
+
+def test_kelib_stats_finds_the_statistics_every_editor_reads(micro_stats, micro, kelib_cache, tmp_path, capsys,
+                                                             monkeypatch):
+    """``kelib stats`` (here, and in a job) names the files the editors' statistics come from; with
+    them cached it computes nothing."""
+    from kelib import stats
+    from kelib.cli import main
+    from kelib.editors import load_hparams
+
+    model, _, _ = micro
+    layers = load_hparams("MEMIT", "kelib-micro").layers
+    micro_stats.prefetch(layers)  # what an editor's run computes
+    fresh_cache(tmp_path, "stats", kelib_cache, monkeypatch)  # its statistics and models, no jobs record
+    monkeypatch.setattr(stats, "_compute", lambda *a, **k: pytest.fail("computed statistics already cached"))
+    expected = [f"layer {layer}: {stats.stats_path(model, layer, micro_stats.spec)}" for layer in layers]
+    assert main(["stats", "kelib-micro"]) == 0
+    assert capsys.readouterr().out.splitlines() == expected
+    assert main(["stats", "kelib-micro", "--layers", str(layers[0]), "--executor", "slurm",
+                 "--executor-option", "cluster=debug", "--executor-option", "log_folder=stats-test"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == expected[0]
+    assert main(["stats", "kelib-micro", "--editor", "GRACE"]) == 2
+    assert "uses no key statistics" in capsys.readouterr().err
+
+
+def test_executor_options_on_the_command_line(capsys):
+    from kelib.cli import _executor_value, _parser, main
+
+    args = _parser().parse_args(["reproduce", "--executor", "slurm", "--executor-option", "partition=gpu",
+                                 "--executor-option", "wait=false", "--executor-option", "time_min=600"])
+    assert _executor_value(args) == {"name": "slurm", "partition": "gpu", "wait": False, "time_min": 600}
+    assert _executor_value(_parser().parse_args(["reproduce", "--executor", "local"])) == "local"
+    assert _executor_value(_parser().parse_args(["reproduce"])) is None
+    assert main(["reproduce", "--executor-option", "partition=gpu"]) == 2
+    assert "is for --executor slurm" in capsys.readouterr().err
