@@ -37,8 +37,6 @@ from kelib.io import read_json, write_json
 from kelib.paths import cache_dir
 
 CLUSTERS = ("slurm", "local", "debug")  # submitit's: Slurm, local subprocesses (tests, a workstation), in-process
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
-                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
 
 
 @dataclass
@@ -228,41 +226,12 @@ def log_tail(job, lines: int = 30) -> str:
     return f"log: {paths.stderr}\n(stdout: {paths.stdout})\n---- last lines ----\n{text}"
 
 
-def run_grid_jobs(setup, runs: dict[int, dict], grid_args: tuple, options: dict | SlurmOptions,
-                  progress: bool = True) -> dict[int, str]:
-    """The ``slurm`` executor of :func:`kelib.experiments.run_grid`: a job for each of ``runs`` (by
-    index) that the run cache does not hold complete. ``{index: outcome}`` (see :func:`run_jobs`);
-    runs found complete are not submitted (``"done"``)."""
-    from kelib.experiments import NOT_RUN_ERRORS, _run_in_worker, run_folder, run_setting
-
-    options = parse_options(options)
-    outcomes: dict[int, str] = {}
-    todo: dict[int, Path] = {}
-    for i, run in runs.items():
-        try:
-            folder, complete = run_folder(setup, run, *grid_args)
-        except NOT_RUN_ERRORS as err:
-            outcomes[i] = f"not run: {err}"
-            continue
-        if complete:
-            outcomes[i] = "done"
-        else:
-            todo[i] = folder
-    if runs and not todo:
-        print(f"every run of the grid is in the run cache ({cache_dir('runs')}): no job to submit")
-    found = run_jobs(_run_in_worker, [(setup.load_args, runs[i], *grid_args) for i in todo],
-                     [folder.name for folder in todo.values()], [run_setting(runs[i]) for i in todo], options,
-                     progress)
-    pending = 0
-    for i, folder in todo.items():
-        outcomes[i] = str(found[folder.name])
-        pending += outcomes[i].startswith("pending: ")
-    if pending:
-        print(f"{pending} run(s) are queued or running and are left out of this table. Collect them with "
-              f"`{collect_command(options)}` (waits for the jobs, shows failures with their logs), then run "
-              "this notebook (or the same kelib reproduce command, with --force) again: the finished runs are "
-              "read from the cache and runs still queued are not submitted twice.")
-    return outcomes
+def pending_note(n: int, options: SlurmOptions) -> str:
+    """What to do about ``n`` runs left queued or running by ``wait: false``."""
+    return (f"{n} run(s) are queued or running and are left out of this table. Collect them with "
+            f"`{collect_command(options)}` (waits for the jobs, shows failures with their logs), then run this "
+            "notebook (or the same kelib reproduce command, with --force) again: the finished runs are read from "
+            "the cache and runs still queued are not submitted twice.")
 
 
 def run_jobs(work: Callable, jobs: Sequence[tuple], keys: Sequence[str], names: Sequence[str],

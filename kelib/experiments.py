@@ -260,10 +260,8 @@ def run_grid(
         run_local(_run_in_worker, jobs, workers, setup.load_args["device"], progress,
                   describe=lambda job: run_setting(job[1]))
     if executor == "slurm":
-        from kelib.cluster import run_grid_jobs
-
-        outcomes = run_grid_jobs(setup, {i: run for i, (run, name) in enumerate(zip(runs, names))
-                                         if name not in blocked}, grid_args, executor_options, progress)
+        outcomes = _run_on_cluster(setup, {i: run for i, (run, name) in enumerate(zip(runs, names))
+                                           if name not in blocked}, grid_args, executor_options, progress)
     for i, (run, name) in enumerate(zip(runs, names)):
         if name in blocked:
             skipped.append(_not_run_record(run, blocked[name]))
@@ -275,9 +273,13 @@ def run_grid(
             continue
         try:
             table = _run_one(setup, run, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases,
-                             progress, compute=executor != "slurm")
+                             progress, executor != "slurm")  # slurm: only read, never compute here
             if table is None:
-                raise ExecutorError(f"{name}: its job ended, but the run cache does not hold the run complete")
+                raise ExecutorError(
+                    f"{name}: its job ended, but the run cache does not hold the run complete where this process "
+                    "looks for it. A run's folder is keyed by a fingerprint of the weights taken on the device "
+                    "they are on: run the notebook on the same kind of device as the jobs (e.g. in a job of the "
+                    "same partition, with the same device and dtype)")
             tables.append(table)
         except NOT_RUN_ERRORS as err:
             skipped.append(_not_run_record(run, str(err)))
@@ -325,6 +327,39 @@ def _run_in_worker(load_args: dict, run: dict, n_edits, checkpoints, hparams_ove
     except NOT_RUN_ERRORS as err:
         return f"not run: {err}"
     return "done"
+
+
+def _run_on_cluster(setup: Setup, runs: dict[int, dict], grid_args: tuple, options: dict, progress: bool
+                    ) -> dict[int, str]:
+    """The ``slurm`` executor of :func:`run_grid` (:mod:`kelib.cluster`): a job for each of ``runs`` (by
+    index) that the run cache does not hold complete. ``{index: outcome}``: ``"done"`` (runs found
+    complete are not submitted), ``"not run: <why>"``, or ``"pending: <message>"`` (``wait: false``)."""
+    from kelib.cluster import parse_options, pending_note, run_jobs
+
+    options = parse_options(options)
+    outcomes: dict[int, str] = {}
+    todo: dict[int, Path] = {}
+    for i, run in runs.items():
+        try:
+            folder, complete = run_folder(setup, run, *grid_args)
+        except NOT_RUN_ERRORS as err:
+            outcomes[i] = f"not run: {err}"
+            continue
+        if complete:
+            outcomes[i] = "done"
+        else:
+            todo[i] = folder
+    if runs and not todo:
+        print(f"every run of the grid is in the run cache ({cache_dir('runs')}): no job to submit")
+    found = run_jobs(_run_in_worker, [(setup.load_args, runs[i], *grid_args) for i in todo],
+                     [folder.name for folder in todo.values()], [run_setting(runs[i]) for i in todo], options,
+                     progress)
+    for i, folder in todo.items():
+        outcomes[i] = str(found[folder.name])
+    pending = sum(outcome.startswith("pending: ") for outcome in outcomes.values())
+    if pending:
+        print(pending_note(pending, options))
+    return outcomes
 
 
 def _setting(editor: str, regularizer: str) -> str:
