@@ -1,5 +1,6 @@
-"""Where a grid's runs execute: here, one after another (``inline``), or in worker processes on this
-machine (``local``), each with its share of the CPU cores or one GPU of its own.
+"""Where a grid's runs execute: here, one after another (``inline``), in worker processes on this
+machine (``local``), each with its share of the CPU cores or one GPU of its own, or as Slurm jobs
+through submitit (``slurm``, :mod:`kelib.cluster`).
 
 An executor only *computes* runs: every run writes itself into kelib's run cache (``<cache>/runs/``,
 keyed by everything it depends on, written atomically, resumable), and the caller then reads the
