@@ -1,5 +1,5 @@
 """Command line: ``kelib reproduce``, ``kelib check``, ``kelib list``, ``kelib check-notebooks``,
-``kelib build-model``, ``kelib train-mend``.
+``kelib build-model``, ``kelib train-mend``, ``kelib stats``, ``kelib collect``.
 
 Also ``python -m kelib ...``. Exit status: 0 on success, 1 when a notebook failed (or a check found
 problems), 2 when the batch could not start (bad params file, unknown notebook name).
@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="notebooks executed side by side, each in its own process (default 1; make reproduce "
                           "uses 2 on the embedded default: one notebook's last run or plots no longer leave "
                           "a core idle)")
+    _executor_arguments(rep, "every notebook's executor")
 
     pre = sub.add_parser(
         "check",
@@ -97,7 +98,63 @@ def _parser() -> argparse.ArgumentParser:
                       help="training edits instead of the hparams file's training_data, e.g. zsre_train, "
                            "counterfact_train; editing then needs the same override")
     mend.add_argument("--force", action="store_true", help="train again even when a cached one exists")
+
+    stats = sub.add_parser(
+        "stats",
+        help="compute (or find) the key statistics C0 of a model's edited layers, once, for every run",
+        description="Compute the key second moments C = E[k kᵀ] an editor uses on a model, in the cache and "
+        "under the lock every run uses (one pass over the corpus serves all layers); prints each layer's "
+        "file. On a cluster: --executor slurm computes them in one job, before the grid's jobs need them.",
+    )
+    stats.add_argument("model", help="hub id, local path or embedded model (kelib-default, kelib-micro)")
+    stats.add_argument("--layers", nargs="+", type=int, metavar="L",
+                       help="layers (default: the editor's layers for this model)")
+    stats.add_argument("--editor", default="MEMIT",
+                       help="whose hyperparameters name the corpus and sample size (default: MEMIT)")
+    stats.add_argument("--hparams", metavar="SET", help="hyperparameter set for a model given by a path")
+    stats.add_argument("--stats-corpus", metavar="CORPUS", help="corpus instead of the hparams' (as in reproduce)")
+    stats.add_argument("--device", default="cpu", help="compute on this device, e.g. cuda (default: cpu)")
+    stats.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    stats.add_argument("--device-map", metavar="MAP", help="from_pretrained's device_map, e.g. auto")
+    _executor_arguments(stats, "where to compute: here (inline, the default) or in a Slurm job")
+
+    collect = sub.add_parser(
+        "collect",
+        help="the state of the Slurm jobs a grid submitted (executor slurm); --wait until they end",
+        description="List the jobs recorded under <cache>/jobs/<log folder>/submitted/ with their state and "
+        "log. With --wait, wait for them (a progress bar), then show failures with their logs' last lines. "
+        "Then run the notebook (or kelib reproduce ... --force) again: it reads the finished runs from the cache.",
+    )
+    collect.add_argument("--log-folder", default="slurm", metavar="NAME",
+                         help="the executor's log_folder (default: slurm)")
+    collect.add_argument("--wait", action="store_true", help="wait until no job is queued or running")
+    collect.add_argument("--poll", type=float, default=30.0, metavar="SECONDS",
+                         help="seconds between checks while waiting (default: 30)")
     return parser
+
+
+def _executor_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--executor", choices=["inline", "local", "slurm"], help=what)
+    parser.add_argument("--executor-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the slurm executor (kelib.cluster.SlurmOptions; VALUE read as YAML; "
+                             "repeatable), e.g. --executor-option partition=gpu --executor-option time_min=600")
+
+
+def _executor_value(args) -> str | dict | None:
+    """The ``executor`` parameter the command line asks for (None: the params files' own)."""
+    import yaml
+
+    if not args.executor and not args.executor_option:
+        return None
+    options = {}
+    for item in args.executor_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--executor-option needs KEY=VALUE, got {item!r}")
+        options[key.strip()] = yaml.safe_load(value) if value else ""
+    if options and args.executor != "slurm":
+        raise ValueError("--executor-option is for --executor slurm")
+    return {"name": "slurm", **options} if options else args.executor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +174,84 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train-mend":
         return _train_mend(args)
+    if args.command == "stats":
+        return _stats(args)
+    if args.command == "collect":
+        return _collect(args)
     raise AssertionError(args.command)
+
+
+def _stats(args) -> int:
+    from kelib.config import ConfigError
+    from kelib.data import DataError
+    from kelib.editors import EditError
+    from kelib.experiments import key_statistics
+    from kelib.models import ModelError
+
+    call = dict(model_name=args.model, layers=args.layers, editor=args.editor, hparams=args.hparams,
+                stats_corpus=args.stats_corpus, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    try:
+        executor = _executor_value(args)
+        if isinstance(executor, dict) or executor == "slurm":
+            from kelib.cluster import parse_options, run_jobs
+            from kelib.io import stable_hash
+
+            options = parse_options({k: v for k, v in executor.items() if k != "name"}
+                                    if isinstance(executor, dict) else {})
+            key = f"stats-{args.model.replace('/', '_')}-{stable_hash(call)}"
+            outcome = run_jobs(_stats_in_job, [(call,)], [key], [f"key statistics of {args.model}"], options)[key]
+            if isinstance(outcome, str):  # pending: wait: false
+                print(outcome)
+                return 0
+            files = outcome
+        else:
+            files = key_statistics(**call)
+    except (ConfigError, DataError, EditError, ModelError, ValueError) as err:
+        print(f"kelib stats: {err}", file=sys.stderr)
+        return 2
+    for layer, path in files.items():
+        print(f"layer {layer}: {path}")
+    return 0
+
+
+def _stats_in_job(call: dict) -> dict[int, str]:
+    """``kelib stats`` in a cluster job: the statistics, computed where the job runs, into the shared cache."""
+    from kelib.experiments import key_statistics
+
+    return key_statistics(**call, progress=False)
+
+
+def _collect(args) -> int:
+    import time
+
+    from tqdm.auto import tqdm
+
+    from kelib.cluster import recorded_jobs
+
+    jobs = recorded_jobs(args.log_folder)
+    if not jobs:
+        print(f"no job recorded under the cache's jobs/{args.log_folder}/submitted/")
+        return 0
+    if args.wait:
+        bar = tqdm(total=len(jobs), desc="jobs", unit="job")
+        while True:
+            ended = sum(not job["active"] for job in jobs)
+            bar.n = ended
+            bar.refresh()
+            if ended == len(jobs):
+                break
+            time.sleep(args.poll)
+            jobs = recorded_jobs(args.log_folder)
+        bar.close()
+    failed = 0
+    for job in jobs:
+        print(f"{job['setting']}: job {job['job_id']} ({job['cluster']}, submitted {job['submitted']}): "
+              f"{job['state']}  log: {job['log']}")
+        failed += not job["active"] and not job["state"].startswith(("done", "not run"))
+    active = sum(job["active"] for job in jobs)
+    print(f"{len(jobs)} job(s): {len(jobs) - active - failed} done, {active} queued or running, {failed} not done "
+          "(see their logs). Run the notebook (or kelib reproduce ... --force) again to read the finished runs.")
+    return 1 if failed else 0
 
 
 def _train_mend(args) -> int:
@@ -175,6 +309,13 @@ def _reproduce(args) -> int:
         overrides["device_map"] = args.device_map
     if args.stats_corpus is not None:
         overrides["stats_corpus"] = args.stats_corpus
+    try:
+        executor = _executor_value(args)
+    except ValueError as err:
+        print(f"kelib reproduce: {err}", file=sys.stderr)
+        return 2
+    if executor is not None:
+        overrides["executor"] = executor
     try:
         results = reproduce(
             args.params,

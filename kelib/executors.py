@@ -1,5 +1,6 @@
-"""Where a grid's runs execute: here, one after another (``inline``), or in worker processes on this
-machine (``local``), each with its share of the CPU cores or one GPU of its own.
+"""Where a grid's runs execute: here, one after another (``inline``), in worker processes on this
+machine (``local``), each with its share of the CPU cores or one GPU of its own, or as Slurm jobs
+through submitit (``slurm``, :mod:`kelib.cluster`).
 
 An executor only *computes* runs: every run writes itself into kelib's run cache (``<cache>/runs/``,
 keyed by everything it depends on, written atomically, resumable), and the caller then reads the
@@ -18,11 +19,30 @@ import os
 import traceback
 from typing import Any, Callable, Sequence
 
-EXECUTORS = ("inline", "local")
+EXECUTORS = ("inline", "local", "slurm")  # slurm: kelib.cluster (jobs through submitit)
 
 
 class ExecutorError(RuntimeError):
     """A run failed in a worker process; the message carries the worker's traceback."""
+
+
+def executor_choice(executor: str | dict) -> tuple[str, dict]:
+    """``(name, options)`` of the ``executor`` parameter: a name (``"local"``), or a mapping with a
+    ``name`` and that executor's options (``{"name": "slurm", "partition": "gpu", "wait": False}``,
+    :class:`kelib.cluster.SlurmOptions`)."""
+    from kelib.config import ConfigError
+
+    options: dict = {}
+    if isinstance(executor, dict):
+        options = dict(executor)
+        executor = options.pop("name", None)
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {list(EXECUTORS)} (or a mapping with a name among them and "
+                          f"its options), got {executor!r}")
+    if options and executor != "slurm":
+        raise ConfigError(f"executor {executor!r} takes no options (its workers are a parameter of their own), "
+                          f"got {sorted(options)}")
+    return executor, options
 
 
 def available_cores() -> int:

@@ -167,6 +167,26 @@ def editor_hparams(setup: Setup, editor: str, overrides: dict | None = None):
     return load_hparams(editor, setup.model_name, overrides or None, hparams_set=setup.hparams_set)
 
 
+def key_statistics(model_name: str, layers: Sequence[int] | None = None, editor: str = "MEMIT",
+                   hparams: str | None = None, stats_corpus: str | None = None, device: str = "cpu",
+                   dtype: str = "float32", device_map: str | None = None, progress: bool = True) -> dict[int, str]:
+    """Compute (or find) the key statistics C0 that ``editor`` uses on ``model_name`` for ``layers``
+    (default: the editor's layers), in the cache every run reads (``<cache>/stats/``, under the same
+    lock): what ``kelib stats`` does, so that a cluster computes them once before the grid. One pass
+    over the corpus serves every layer. Returns ``{layer: file}``."""
+    from kelib.models import load_model
+    from kelib.stats import SecondMomentSettings, stats_path, stats_spec_for
+
+    model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map or None)
+    setup = Setup(model_name, model, tok, [], {}, hparams_set=hparams or None, stats_corpus=stats_corpus or None)
+    settings = editor_hparams(setup, editor)
+    if not isinstance(settings, SecondMomentSettings):
+        raise ConfigError(f"{editor} uses no key statistics; name an editor that does (ROME, MEMIT, ...)")
+    layers = list(layers or settings.layers)
+    statistics_for(model, tok, settings, progress=progress).prefetch(layers)
+    return {layer: str(stats_path(model, layer, stats_spec_for(settings))) for layer in layers}
+
+
 def _run_meta(setup: Setup, hparams) -> dict:
     """What a run's identity adds about the model and its statistics: the model's name and, for a
     folder corpus, its contents' hash (the hparams hold only its path)."""
@@ -213,7 +233,7 @@ def run_grid(
     max_eval_cases: int = 100,
     first_case: int = 0,
     progress: bool = True,
-    executor: str = "inline",
+    executor: str | dict = "inline",
     workers: int = 0,
 ) -> pd.DataFrame:
     """Run each of ``runs`` (dicts with ``editor`` and optionally ``regularizer``,
@@ -233,7 +253,11 @@ def run_grid(
     ``executor`` says where runs are computed (:mod:`kelib.executors`): ``inline`` here, one after
     another; ``local`` in ``workers`` processes of this machine (0: one per core, or per GPU on cuda),
     which load the same setup (``setup`` must come from :func:`load_setup`) and write into the run
-    cache; the finished runs are then read back here, so the table is the same either way.
+    cache; the finished runs are then read back here, so the table is the same either way. ``slurm``
+    (a mapping: ``{"name": "slurm", "partition": "gpu", ...}``, :class:`kelib.cluster.SlurmOptions`)
+    submits one cluster job per run through submitit and waits for them with a progress bar; with
+    ``wait: False`` it returns at once, the runs not yet finished listed by :func:`not_run` as pending
+    (``grid.attrs["pending"]``) with the command that collects them.
 
     A run that cannot run on this model (an :class:`~kelib.editors.base.EditError`,
     :class:`~kelib.config.ConfigError` or :class:`~kelib.models.ModelError`: MEND not trained for it,
@@ -246,11 +270,10 @@ def run_grid(
     hyperparameters and layers, the regularizer, MEND trained for this model): those that cannot run
     are printed at once and skipped, rather than found hours later when their turn comes.
     """
-    from kelib.executors import EXECUTORS, run_local
+    from kelib.executors import ExecutorError, executor_choice, run_local
     from kelib.preflight import editor_problems
 
-    if executor not in EXECUTORS:
-        raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    executor, executor_options = executor_choice(executor)
     cases = setup.cases[first_case : first_case + n_edits]
     tables, skipped = [], []
     blocked = editor_problems(setup.model, setup.model_name, runs, hparams_overrides, hparams_set=setup.hparams_set)
@@ -260,28 +283,45 @@ def run_grid(
               "and are skipped:")
         for setting, reason in blocked.items():
             print(f"{setting} not run: {' '.join(reason.split())}")
+    outcomes: dict[int, str] = {}  # a job's outcome, by the run's index: "done", "not run: ...", "pending: ..."
+    if executor != "inline" and setup.load_args is None:
+        raise ConfigError(f"executor {executor!r} needs a setup made by load_setup: its worker processes (or "
+                          "jobs) load the same model from load_setup's arguments")
+    grid_args = (n_edits, list(checkpoints), hparams_overrides, max_eval_cases, first_case)
     if executor == "local":
-        if setup.load_args is None:
-            raise ConfigError("executor 'local' needs a setup made by load_setup: its worker processes load the "
-                              "same model from load_setup's arguments")
-        jobs = [(setup.load_args, run, n_edits, list(checkpoints), hparams_overrides, max_eval_cases, first_case)
-                for run, name in zip(runs, names) if name not in blocked]
+        jobs = [(setup.load_args, run, *grid_args) for run, name in zip(runs, names) if name not in blocked]
         run_local(_run_in_worker, jobs, workers, setup.load_args["device"], progress,
                   describe=lambda job: run_setting(job[1]),
                   cost=lambda job: estimated_seconds(job[1], n_edits, checkpoints))
-    for run, name in zip(runs, names):
+    if executor == "slurm":
+        outcomes = _run_on_cluster(setup, {i: run for i, (run, name) in enumerate(zip(runs, names))
+                                           if name not in blocked}, grid_args, executor_options, progress)
+    for i, (run, name) in enumerate(zip(runs, names)):
         if name in blocked:
             skipped.append(_not_run_record(run, blocked[name]))
             continue
+        outcome = outcomes.get(i, "done")
+        if outcome != "done":  # its job found it cannot run, or it is still queued (wait: false)
+            skipped.append(_not_run_record(run, outcome.removeprefix("not run: ")))
+            print(f"{name} not run: {skipped[-1]['reason']}")
+            continue
         try:
-            tables.append(_run_one(setup, run, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases,
-                                   progress))
+            table = _run_one(setup, run, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases,
+                             progress, executor != "slurm")  # slurm: only read, never compute here
+            if table is None:
+                raise ExecutorError(
+                    f"{name}: its job ended, but the run cache does not hold the run complete where this process "
+                    "looks for it. A run's folder is keyed by a fingerprint of the weights taken on the device "
+                    "they are on: run the notebook on the same kind of device as the jobs (e.g. in a job of the "
+                    "same partition, with the same device and dtype)")
+            tables.append(table)
         except NOT_RUN_ERRORS as err:
             skipped.append(_not_run_record(run, str(err)))
             print(f"{name} not run: {skipped[-1]['reason']}")
     grid = (pd.concat(tables, ignore_index=True) if tables
             else pd.DataFrame(columns=[*COLUMNS, "editor", "regularizer", "protocol", "batch_size", "run_dir"]))
     grid.attrs["not_run"] = skipped
+    grid.attrs["pending"] = [s for s in skipped if s["reason"].startswith("pending: ")]
     if skipped:
         setup.description["not run"] = "; ".join(
             f"{_setting(s['editor'], s['regularizer'])} ({_short(s['reason'])})" for s in skipped)
@@ -325,9 +365,9 @@ _WORKER_SETUPS: dict[str, Setup] = {}  # a worker process loads each setup once,
 
 def _run_in_worker(load_args: dict, run: dict, n_edits, checkpoints, hparams_overrides, max_eval_cases,
                    first_case) -> str:
-    """One run of :func:`run_grid` in a worker process of the ``local`` executor: computed into the
-    run cache ("done"), or "not run" (the caller meets the same error when it reads the run back, and
-    reports it as :func:`run_grid` does)."""
+    """One run of :func:`run_grid` in a worker process of the ``local`` executor or a job of the
+    ``slurm`` one: computed into the run cache ("done"), or ``"not run: <reason>"`` (the caller reports
+    it as :func:`run_grid` does)."""
     from kelib.io import stable_hash
 
     key = stable_hash(load_args)
@@ -337,9 +377,42 @@ def _run_in_worker(load_args: dict, run: dict, n_edits, checkpoints, hparams_ove
     cases = setup.cases[first_case : first_case + n_edits]
     try:
         _run_one(setup, run, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases, progress=False)
-    except NOT_RUN_ERRORS:
-        return "not run"
+    except NOT_RUN_ERRORS as err:
+        return f"not run: {err}"
     return "done"
+
+
+def _run_on_cluster(setup: Setup, runs: dict[int, dict], grid_args: tuple, options: dict, progress: bool
+                    ) -> dict[int, str]:
+    """The ``slurm`` executor of :func:`run_grid` (:mod:`kelib.cluster`): a job for each of ``runs`` (by
+    index) that the run cache does not hold complete. ``{index: outcome}``: ``"done"`` (runs found
+    complete are not submitted), ``"not run: <why>"``, or ``"pending: <message>"`` (``wait: false``)."""
+    from kelib.cluster import parse_options, pending_note, run_jobs
+
+    options = parse_options(options)
+    outcomes: dict[int, str] = {}
+    todo: dict[int, Path] = {}
+    for i, run in runs.items():
+        try:
+            folder, complete = run_folder(setup, run, *grid_args)
+        except NOT_RUN_ERRORS as err:
+            outcomes[i] = f"not run: {err}"
+            continue
+        if complete:
+            outcomes[i] = "done"
+        else:
+            todo[i] = folder
+    if runs and not todo:
+        print(f"every run of the grid is in the run cache ({cache_dir('runs')}): no job to submit")
+    found = run_jobs(_run_in_worker, [(setup.load_args, runs[i], *grid_args) for i in todo],
+                     [folder.name for folder in todo.values()], [run_setting(runs[i]) for i in todo], options,
+                     progress)
+    for i, folder in todo.items():
+        outcomes[i] = str(found[folder.name])
+    pending = sum(outcome.startswith("pending: ") for outcome in outcomes.values())
+    if pending:
+        print(pending_note(pending, options))
+    return outcomes
 
 
 def _setting(editor: str, regularizer: str) -> str:
@@ -366,8 +439,29 @@ def _short(reason: str, at_most: int = 120) -> str:
 
 
 def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases,
-             progress) -> pd.DataFrame:
-    """One run of :func:`run_grid`: its table with the run's settings added."""
+             progress, compute: bool = True) -> pd.DataFrame | None:
+    """One run of :func:`run_grid`: its table with the run's settings added.
+
+    The run folder is claimed for the run (:func:`claim_run`): a second process that needs the same
+    run (another worker, Slurm job or notebook) waits, then reads the finished run instead of computing
+    it again. ``compute=False`` only reads: ``None`` when the cache does not hold the run complete."""
+    edit_run, out_dir, spec = _prepare_run(setup, run, cases, n_edits, checkpoints, hparams_overrides,
+                                           max_eval_cases, progress)
+    if not compute and not run_complete(edit_run):
+        return None
+    try:
+        with claim_run(out_dir):
+            table = edit_run.run()
+    finally:
+        edit_run.restore()
+    table = table.assign(editor=run.get("label", spec.editor), regularizer=spec.regularizer, protocol=spec.protocol,
+                         batch_size=spec.batch_size, run_dir=str(out_dir))
+    return table.assign(form=run["form"]) if "form" in run else table
+
+
+def _prepare_run(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overrides, max_eval_cases,
+                 progress):
+    """``(EditRun, its folder in the run cache, RunSpec)`` of one run of :func:`run_grid`, not yet run."""
     from kelib.runner import EditRun
 
     editor = run["editor"]
@@ -400,7 +494,7 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
     uses_stats = isinstance(hparams, SecondMomentSettings) or regularizer == "D4S"
     check_plan(run_plan(setup.model, editor, hparams.layers, regularizer, params, uses_stats),
                _setting(editor, regularizer))
-    stats = statistics_for(setup.model, setup.tok, hparams, progress=progress)
+    stats = statistics_for(setup.model, setup.tok, hparams, progress=progress)  # lazy: computed at first use
     edit_run = EditRun(setup.model, setup.tok, cases, spec, hparams, stats, evaluators=setup.evaluators,
                        progress=progress, meta=_run_meta(setup, hparams))
     # the folder is named by everything the run depends on (weights, spec, hyperparameters, cases,
@@ -408,13 +502,39 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
     label = f"{editor}-{regularizer}-{spec.protocol}-b{spec.batch_size}-n{n_edits}-{edit_run.fingerprint[:12]}"
     out_dir = cache_dir("runs", setup.model_name.replace("/", "_")) / label
     edit_run.keep_in(out_dir)
-    try:
-        table = edit_run.run()
-    finally:
-        edit_run.restore()
-    table = table.assign(editor=run.get("label", editor), regularizer=regularizer, protocol=spec.protocol,
-                         batch_size=spec.batch_size, run_dir=str(out_dir))
-    return table.assign(form=run["form"]) if "form" in run else table
+    return edit_run, out_dir, spec
+
+
+def run_complete(edit_run) -> bool:
+    """Whether the run cache holds ``edit_run`` complete (its table can be read back without computing)."""
+    saved = edit_run.store.saved()
+    return bool(saved is not None and saved.get("complete"))
+
+
+def claim_path(out_dir: str | Path) -> Path:
+    """The lock file that claims run folder ``out_dir`` (beside it, hidden)."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f".{out_dir.name}.lock")
+
+
+def claim_run(out_dir: str | Path):
+    """Hold run folder ``out_dir`` for this process while it computes (or reads) the run: two processes
+    never write one run folder at once; the second waits, then finds the run complete. The claim is an
+    ``flock`` (:func:`kelib.io.file_lock`), released when the process ends, however it ends."""
+    from kelib.io import file_lock
+
+    return file_lock(claim_path(out_dir))
+
+
+def run_folder(setup: Setup, run: dict, n_edits: int, checkpoints: Sequence[int] = (),
+               hparams_overrides: dict | None = None, max_eval_cases: int = 100, first_case: int = 0
+               ) -> tuple[Path, bool]:
+    """``(folder, complete)``: where :func:`run_grid` keeps ``run`` in the run cache, and whether it is
+    finished there, without running it (the model is left as it was)."""
+    cases = setup.cases[first_case : first_case + n_edits]
+    edit_run, out_dir, _ = _prepare_run(setup, run, cases, n_edits, checkpoints, hparams_overrides,
+                                        max_eval_cases, progress=False)
+    return out_dir, run_complete(edit_run)
 
 
 def supports(editor: str, regularizer: str) -> bool:
