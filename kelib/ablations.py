@@ -71,6 +71,39 @@ def label_rect(grid: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def run_table(grid: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of a :func:`label_rect` grid at its last checkpoint: ``setting, editor,
+    regularizer, k``, the edit metrics, abilities, ``edit_mean``, ``abilities_mean`` (accuracy-like
+    abilities) and the last edited layer's L1 norm and condition number."""
+    from kelib.experiments import ability_columns, summary
+
+    table = summary(grid.assign(editor=grid.setting)).rename(columns={"editor": "setting"})
+    runs = grid.drop_duplicates("setting").set_index("setting")
+    table.insert(1, "editor", table.setting.map(runs.editor))
+    table.insert(3, "k", table.setting.map(runs.k))
+    table["edit_mean"] = table[[c for c in EDIT_COLUMNS if c in table]].mean(axis=1)
+    table["abilities_mean"] = table[ability_columns(table.columns)].mean(axis=1)
+    return table
+
+
+def against_unedited(grid: pd.DataFrame, unedited: dict, what: str = "", label: str = "setting") -> tuple[list, list]:
+    """Each run of ``grid`` (its last checkpoint) against the unedited model's ability examples
+    (:func:`kelib.experiments.unedited_examples` of any grid of the same setup): abilities lower after
+    editing. Returns the verdicts and the runs without per-example abilities."""
+    from kelib.experiments import abilities_of, run_examples
+    from kelib.verdicts import ability_verdicts
+
+    verdicts, missing = [], []
+    for run in grid.drop_duplicates("run_dir").itertuples():
+        after = abilities_of(run_examples(grid, run.run_dir))
+        name = f"{getattr(run, label)} {what}".strip()
+        if not unedited or not after:
+            missing.append(name)
+            continue
+        verdicts += ability_verdicts(name, unedited, after, "worse")
+    return verdicts, missing
+
+
 def budget_table(shapes: dict[int, tuple[int, int]], ks: Sequence[float], pca_budget: str = "entries") -> pd.DataFrame:
     """What RECT and its baselines keep of an update to each edited matrix (``{layer: (d_out, d_in)}``):
     RECT's and the random mask's entries (the same number, ceil(k · n)), and PCA's rank r with the
@@ -245,3 +278,73 @@ def common_cases(before, after):
                       tuple(s.ids[i] for i in where), s.log, s.higher_is_better)
 
     return pick(before, mine), pick(after, idx)
+
+
+def _edit_means(examples: dict):
+    from kelib.experiments import edit_mean_of
+
+    return edit_mean_of(examples) if examples else None
+
+
+def _run_examples(grid: pd.DataFrame, label: str, checkpoint: int) -> dict:
+    from kelib.experiments import run_examples
+
+    runs = grid[grid.editor == label]
+    if runs.empty or checkpoint not in set(runs.checkpoint):
+        return {}
+    return run_examples(grid, runs.run_dir.iloc[0], checkpoint)
+
+
+def prune_verdicts(tradeoff: pd.DataFrame, sweep_examples: dict, plain_grid: pd.DataFrame,
+                   step_grid: pd.DataFrame | None = None, posthoc_grid: pd.DataFrame | None = None) -> list:
+    """The ablation's verdicts (:mod:`kelib.verdicts`) at each editor's last milestone of the sweep:
+    every post-hoc α against the editor alone (κ lower, by more than 1%; editing performance lower
+    per case, the price of restraining), and each per-step run against post hoc at the same α at the
+    per-step run's last milestone (κ lower; edits better, on the cases both scored).
+
+    ``sweep_examples`` from :func:`prune_posthoc_sweep`; ``plain_grid`` holds the editors alone,
+    ``step_grid`` the per-step runs and ``posthoc_grid`` any post-hoc runs made instead of the sweep
+    (:func:`prune_runs` labels)."""
+    from kelib.verdicts import compare, compare_values
+
+    found = []
+    table = tradeoff.set_index(["editor", "alpha", "mode", "checkpoint"])
+
+    def kappa(editor, alpha, mode, checkpoint):
+        key = (editor, alpha, mode, checkpoint)
+        return float(table.condition_number[key]) if key in table.index else math.nan
+
+    def posthoc_examples(editor, alpha, checkpoint):
+        if (editor, alpha, checkpoint) in sweep_examples:
+            return sweep_examples[(editor, alpha, checkpoint)]
+        if posthoc_grid is not None:
+            return _run_examples(posthoc_grid, f"{editor} PRUNE α={alpha} post_hoc", checkpoint)
+        return {}
+
+    posthoc = tradeoff[tradeoff["mode"] == "post_hoc"]
+    for editor, rows in posthoc.groupby("editor", sort=False):
+        last = int(rows.checkpoint.max())
+        plain = _edit_means(_run_examples(plain_grid, editor, last))
+        for alpha in rows.alpha.unique():
+            name = f"{editor} + PRUNE α={alpha} (post hoc)"
+            found.append(compare_values(f"{name} keeps κ below {editor}'s at {last} edits",
+                                        kappa(editor, alpha, "post_hoc", last), kappa(editor, "none", "none", last), "lower"))
+            mine = _edit_means(posthoc_examples(editor, alpha, last))
+            if plain is not None and mine is not None:
+                before, after = common_cases(plain, mine)
+                found.append(compare(f"{name} edits worse than {editor} alone at {last} edits "
+                                     "(mean of efficacy, paraphrase, specificity)", before, after, "lower"))
+    if step_grid is not None and not step_grid.empty:
+        for label, rows in from_runs(step_grid).groupby(step_grid.editor.astype(str), sort=False):
+            editor, alpha, last = rows.editor.iloc[0], rows.alpha.iloc[0], int(rows.checkpoint.max())
+            name = f"{editor} + PRUNE α={alpha} per step"
+            reference = kappa(editor, alpha, "post_hoc", last)
+            found.append(compare_values(f"{name} keeps κ below post hoc at {last} edits",
+                                        kappa(editor, alpha, "per_step", last), reference, "lower"))
+            mine = _edit_means(_run_examples(step_grid, label, last))
+            theirs = _edit_means(posthoc_examples(editor, alpha, last))
+            if mine is not None and theirs is not None:
+                before, after = common_cases(theirs, mine)
+                found.append(compare(f"{name} edits better than post hoc at {last} edits "
+                                     "(mean of efficacy, paraphrase, specificity)", before, after, "higher"))
+    return found
