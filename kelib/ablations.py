@@ -38,16 +38,18 @@ EDIT_COLUMNS = ["efficacy", "paraphrase", "specificity"]
 # -- RECT --------------------------------------------------------------------------------------------
 
 
-def rect_runs(editors: Sequence[str], ks: Sequence[float] = RECT_KS, baselines: Sequence[str] = ("random", "PCA"),
-              baseline_ks: Sequence[float] | None = None, batch_size: int = 1, protocol: str = "sequential",
-              pca_budget: str = "entries", ability_edits: int = 0) -> list[dict]:
+def rect_runs(editors: Sequence[str | dict], ks: Sequence[float] = RECT_KS, baselines: Sequence[str] = ("random", "PCA"),
+              baseline_ks: Sequence[float] | None = None, pca_budget: str = "entries") -> list[dict]:
     """Each editor alone, with RECT at every k, and with each baseline at every k of ``baseline_ks``
-    (default: ``ks``), as :func:`kelib.experiments.run_grid` runs. Labels name the editor and k."""
+    (default: ``ks``), as :func:`kelib.experiments.run_grid` runs. An editor is a name or a run dict
+    without a regularizer (``{"editor": "MEMIT", "batch_size": 100}``, with ``overrides`` if need be;
+    sequential, one edit per batch by default). Labels name the editor and k."""
     runs = []
-    for editor in editors:
-        common = {"editor": editor, "protocol": protocol, "batch_size": batch_size}
-        if ability_edits:
-            common["ability_edits"] = ability_edits
+    for spec in editors:
+        common = {"protocol": "sequential", "batch_size": 1, **({"editor": spec} if isinstance(spec, str) else spec)}
+        if {"regularizer", "regularizer_params", "label"} & set(common):
+            raise ValueError(f"an ablation editor names no regularizer or label, got {spec}")
+        editor = common["editor"]
         runs.append({**common, "label": editor})
         for k in ks:
             runs.append({**common, "regularizer": "RECT", "regularizer_params": {"k": float(k)}, "label": f"{editor} k={k:g}"})
@@ -296,7 +298,8 @@ def _run_examples(grid: pd.DataFrame, label: str, checkpoint: int) -> dict:
 
 
 def prune_verdicts(tradeoff: pd.DataFrame, sweep_examples: dict, plain_grid: pd.DataFrame,
-                   step_grid: pd.DataFrame | None = None, posthoc_grid: pd.DataFrame | None = None) -> list:
+                   step_grid: pd.DataFrame | None = None, posthoc_grid: pd.DataFrame | None = None,
+                   posthoc_runs: dict[str, pd.DataFrame] | None = None) -> list:
     """The ablation's verdicts (:mod:`kelib.verdicts`) at each editor's last milestone of the sweep:
     every post-hoc α against the editor alone (κ lower, by more than 1%; editing performance lower
     per case, the price of restraining), and each per-step run against post hoc at the same α at the
@@ -304,8 +307,11 @@ def prune_verdicts(tradeoff: pd.DataFrame, sweep_examples: dict, plain_grid: pd.
 
     ``sweep_examples`` from :func:`prune_posthoc_sweep`; ``plain_grid`` holds the editors alone,
     ``step_grid`` the per-step runs and ``posthoc_grid`` any post-hoc runs made instead of the sweep
-    (:func:`prune_runs` labels)."""
-    from kelib.verdicts import compare, compare_values
+    (:func:`prune_runs` labels). ``posthoc_runs`` (``{α: grid}``, the editors' post-hoc PRUNE runs of the
+    notebook's main grid, editor-named) adds, where such a run has the abilities at the per-step runs'
+    last milestone, per step against post hoc on the abilities (higher per step)."""
+    from kelib.experiments import abilities_of
+    from kelib.verdicts import ability_verdicts, compare, compare_values
 
     found = []
     table = tradeoff.set_index(["editor", "alpha", "mode", "checkpoint"])
@@ -347,4 +353,10 @@ def prune_verdicts(tradeoff: pd.DataFrame, sweep_examples: dict, plain_grid: pd.
                 before, after = common_cases(theirs, mine)
                 found.append(compare(f"{name} edits better than post hoc at {last} edits "
                                      "(mean of efficacy, paraphrase, specificity)", before, after, "higher"))
+            reference_run = (posthoc_runs or {}).get(alpha)
+            if reference_run is not None:
+                theirs = abilities_of(_run_examples(reference_run, editor, last))
+                mine = abilities_of(_run_examples(step_grid, label, last))
+                if theirs and mine:
+                    found += ability_verdicts(f"{name} (vs post hoc at {last} edits)", theirs, mine, "better")
     return found

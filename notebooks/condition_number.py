@@ -208,9 +208,9 @@ palette = dict(zip(alpha_order, ["black", *sns.color_palette("viridis", len(alph
 fig, axes = plt.subplots(2, len(sweep_editors), figsize=(4.2 * len(sweep_editors), 6.4), squeeze=False)
 for col, editor in enumerate(sweep_editors):
     mine = tradeoff[tradeoff.editor == editor]
-    for (alpha, mode), line in sorted(mine.groupby(["alpha", "mode"]), key=lambda g: (alpha_order.index(g[0][0]), g[0][1])):
+    for (base, mode), line in sorted(mine.groupby(["alpha", "mode"]), key=lambda g: (alpha_order.index(g[0][0]), g[0][1])):
         line = line.sort_values("checkpoint")
-        style = {"color": palette.get(alpha, "grey"), "label": "none" if alpha == "none" else f"α={alpha} {mode.replace('_', '-')}",
+        style = {"color": palette.get(base, "grey"), "label": "none" if base == "none" else f"α={base} {mode.replace('_', '-')}",
                  "ls": "--" if mode == "per_step" else "-", "marker": "s" if mode == "per_step" else "o", "ms": 4}
         axes[0, col].plot(line.checkpoint, line.condition_number, **style)
         axes[1, col].plot(line.condition_number, line.edit_mean, **style)
@@ -232,11 +232,13 @@ tradeoff[["editor", "alpha", "mode", "checkpoint", *ablations.EDIT_COLUMNS, "edi
 # **Verdicts of the ablation.** At each editor's last milestone: every post-hoc α against the editor
 # alone, κ lower (no sampling noise: more than 1% lower) and editing performance lower per case (the
 # price of the restraint; "no detectable effect" if none); per step against post hoc at the per-step
-# runs' last milestone, on the cases both scored.
+# runs' last milestone, on the cases both scored, and on the abilities where the post-hoc PRUNE run
+# above (α = `prune_alpha`) measured them at that milestone.
 
 # %%
+main_prune = {ablations.alpha_name(alpha): grid[(grid.regularizer == "PRUNE") & (grid.protocol == "sequential")]}
 ablation_verdicts = ablations.prune_verdicts(tradeoff, sweep_examples, sweep_grid, step_grid,
-                                            posthoc_grid if no_weights else None)
+                                            posthoc_grid if no_weights else None, main_prune)
 numbers["prune_ablation"] = {
     "alphas": [ablations.alpha_name(ablations.parse_alpha(a)) for a in sweep_alphas],
     "per_step_alphas": [ablations.alpha_name(ablations.parse_alpha(a)) for a in per_step_alphas],

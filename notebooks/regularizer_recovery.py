@@ -40,7 +40,7 @@ regularizers: list = ["none", "RECT", "PRUNE", "D4S"]
 rect_k: float = 0.2  # RECT keeps the top k of entries by relative change (paper: 20%)
 prune_alpha: str = "e"  # PRUNE's log base
 # RECT's ablation (its own, smaller runs; see the section below)
-ablation_runs: list = [{"editor": "ROME", "batch_size": 1}]  # editors (and batch sizes) of the k sweep
+ablation_runs: list = [{"editor": "ROME", "batch_size": 1}]  # editors of the k sweep: run dicts without a regularizer
 ablation_edits: int = 100  # sequential edits per ablation run, judged at the end
 rect_ks: list = [0.05, 0.1, 0.2, 0.4, 0.8]  # RECT's k sweep
 baseline_ks: list = [0.05, 0.1, 0.2, 0.4, 0.8]  # the k of the random and PCA baselines (each at RECT's budget)
@@ -160,9 +160,7 @@ print("RECT keeps > 94% of editing performance:", numbers["rect_keeps_94"])
 from kelib import ablations
 from kelib.models import get_weight
 
-ab_runs = [run for spec in ablation_runs
-           for run in ablations.rect_runs([spec["editor"]], rect_ks, baseline_ks=baseline_ks, pca_budget=pca_budget,
-                                          batch_size=spec.get("batch_size", 1), protocol=spec.get("protocol", "sequential"))]
+ab_runs = ablations.rect_runs(ablation_runs, rect_ks, baseline_ks=baseline_ks, pca_budget=pca_budget)
 ab_grid = ablations.label_rect(experiments.run_grid(setup, ab_runs, n_edits=ablation_edits, executor=executor,
                                                     workers=workers))
 shapes = {layer: tuple(get_weight(setup.model, layer).shape)
@@ -206,7 +204,8 @@ plotting.save_figure(fig, out_dir, "rect_ablation")
 # same examples, for each ablation editor alone and with RECT at k = `rect_k`.
 
 # %%
-single_runs = [{"editor": spec["editor"], "protocol": "single", "ability_edits": single_ability_edits, **extra}
+single_runs = [{"editor": spec["editor"], "protocol": "single", "ability_edits": single_ability_edits,
+                **({"overrides": spec["overrides"]} if "overrides" in spec else {}), **extra}
                for spec in ablation_runs
                for extra in ({"label": spec["editor"]},
                              {"regularizer": "RECT", "regularizer_params": {"k": rect_k}, "label": f"{spec['editor']} k={rect_k:g}"})]
