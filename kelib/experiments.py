@@ -237,8 +237,11 @@ def run_grid(
     workers: int = 0,
 ) -> pd.DataFrame:
     """Run each of ``runs`` (dicts with ``editor`` and optionally ``regularizer``,
-    ``regularizer_params``, ``protocol``, ``batch_size``, ``overrides`` and ``label``) on ``n_edits``
-    cases, cached and resumable.
+    ``regularizer_params``, ``protocol``, ``batch_size``, ``overrides``, ``label`` and ``ability_edits``)
+    on ``n_edits`` cases, cached and resumable.
+
+    ``ability_edits: N`` (protocol ``single``) measures the abilities after each of the first N single
+    edits and records, per example, their mean (:class:`~kelib.runner.RunSpec`).
 
     ``overrides`` changes the editor's hyperparameters for this run only (on top of
     ``hparams_overrides[editor]``), e.g. ``{"original_key_use": False}``; ``label`` then names the run
@@ -347,7 +350,8 @@ def estimated_seconds(run: dict, n_edits: int, checkpoints: Sequence[int]) -> fl
     return n_edits * per_edit + evaluations * CHECKPOINT_SECONDS
 
 
-RUN_KEYS = {"editor", "regularizer", "regularizer_params", "protocol", "batch_size", "overrides", "label", "form"}
+RUN_KEYS = {"editor", "regularizer", "regularizer_params", "protocol", "batch_size", "overrides", "label", "form",
+            "ability_edits"}
 
 # Errors that mean "this run cannot run on this model", as opposed to a bug (see :func:`run_grid`).
 NOT_RUN_ERRORS = (EditError, ConfigError, ModelError)
@@ -486,6 +490,7 @@ def _prepare_run(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_o
         regularizer_params=params,
         checkpoints=sorted(set(checkpoints) | {0}) if protocol == "sequential" else [],
         max_eval_cases=max_eval_cases,
+        ability_edits=run.get("ability_edits", 0),  # single edits: abilities after the first N of them
     )
     # what the run adds in memory (C0, D4S's state), printed; refused (not run) when it cannot fit
     from kelib.memory import check_plan, run_plan

@@ -43,6 +43,8 @@ REGULARIZER_STYLES: dict[str, dict[str, str]] = {
     "RECT": {"color": "#7b3294", "linestyle": "--", "marker": "s", "hatch": "//"},
     "PRUNE": {"color": "#008080", "linestyle": "-.", "marker": "^", "hatch": "\\\\"},
     "D4S": {"color": "#b8860b", "linestyle": ":", "marker": "D", "hatch": ".."},
+    "random": {"color": "#e7298a", "linestyle": (0, (3, 1, 1, 1)), "marker": "x", "hatch": "xx"},  # RECT's baselines
+    "PCA": {"color": "#1b9e77", "linestyle": (0, (1, 1)), "marker": "v", "hatch": "--"},
 }
 REGULARIZER_COLORS: dict[str, str] = {k: v["color"] for k, v in REGULARIZER_STYLES.items()}
 

@@ -2,7 +2,9 @@
 
 Protocols (named as in RECT's paper):
 
-- ``single``: each case is edited on the original model, evaluated, and the weights restored.
+- ``single``: each case is edited on the original model, evaluated, and the weights restored; with
+  ``ability_edits = N`` the evaluators (abilities) also run after each of the first N edits, and the
+  table holds, per example, the mean of their scores over those N edited models.
 - ``batch``: one batch of ``n_edits`` cases in one editor call (chunks of ``batch_size`` when the
   editor cannot batch, all from the original model), evaluated once, then restored.
 - ``sequential``: batches of ``batch_size`` applied one after another to the current model, with an
@@ -79,6 +81,8 @@ class RunSpec:
     checkpoints: list[int] = field(default_factory=list)  # edit counts to evaluate at; [] = the end only
     max_eval_cases: int = 200  # edits scored at an intermediate checkpoint (evenly spaced); the final one scores all
     seed: int = 0
+    ability_edits: int = 0  # ``single``: evaluators (abilities) after each of the first N edits, averaged per example
+
 
     def __post_init__(self):
         if self.protocol not in ("single", "batch", "sequential"):
@@ -96,10 +100,32 @@ class RunSpec:
         bad = [c for c in self.checkpoints if not 0 <= c <= self.n_edits]
         if bad:
             raise ValueError(f"checkpoints {bad} outside 0..{self.n_edits}")
+        if self.ability_edits and self.protocol != "single":
+            raise ValueError(f"ability_edits is for the single protocol (batch and sequential runs evaluate "
+                             f"abilities at their checkpoints), got protocol {self.protocol!r}")
+        if not 0 <= self.ability_edits <= self.n_edits:
+            raise ValueError(f"ability_edits must be in 0..{self.n_edits}, got {self.ability_edits}")
+
+    def identity(self) -> dict:
+        """The spec as a run's identity: fields added after runs were first cached are left out at their
+        default (:data:`ADDED_FIELDS`), so the runs cached before them keep their folders."""
+        spec = to_dict(self)
+        for name, default in ADDED_FIELDS.items():
+            if spec.get(name) == default:
+                del spec[name]
+        return spec
 
     def checkpoint_list(self) -> list[int]:
         """Edit counts at which the sequential protocol evaluates (always including the end)."""
         return sorted(set(self.checkpoints) | {self.n_edits})
+
+
+# RunSpec fields added later, with the default that reproduces the runs made before them
+ADDED_FIELDS = {"ability_edits": 0}
+
+# The edited layers' weights are kept at every checkpoint of a sequential run (``checkpoint_weights/``)
+# when they take at most this many bytes: PRUNE's post-hoc sweep re-evaluates them (kelib.ablations)
+CHECKPOINT_WEIGHTS_LIMIT = 64 * 2**20
 
 
 def edit_metrics(model, tok, cases: Sequence) -> dict[str, float]:
@@ -181,7 +207,7 @@ class EditRun:
         self.rows: list[dict] = []
         self.done = 0
         self.identity = {
-            "spec": to_dict(spec),
+            "spec": spec.identity(),
             "hparams": to_dict(self.hparams),
             "layers": self.layers,
             "cases": [c.case_id for c in self.cases],
@@ -333,9 +359,9 @@ class EditRun:
         units = [[c] for c in self.cases] if self.spec.protocol == "single" else [self.cases]
         bar = tqdm(total=len(self.cases), desc=f"{self.spec.editor} {self.spec.protocol}", unit="edit",
                    disable=not self.progress)
-        per_unit, examples = [], {}
+        per_unit, examples, abilities = [], {}, []
         try:
-            for unit in units:
+            for index, unit in enumerate(units):
                 try:
                     for chunk in self._chunks(unit):  # a non-batchable editor: chunks applied in turn
                         update, result = self._call_editor(chunk)
@@ -346,6 +372,8 @@ class EditRun:
                         if self.spec.protocol == "batch":
                             self._record_weights(len(self.cases))
                             examples.update(self._record_evaluators(len(self.cases)))
+                        elif index < self.spec.ability_edits:
+                            abilities.append(self._evaluate())
                 finally:
                     self._restore_weights()  # still in float32 for the next unit; restore() releases them
                     self.regularizer.start(self.model, self.originals, self.stats)
@@ -358,6 +386,8 @@ class EditRun:
             self.rows.append(self._row(len(self.cases), "edits", None, metric, value))
         per_case = [examples_of(m) for _, m in per_unit]
         examples["edits"] = {metric: _concat([e[metric] for e in per_case]) for metric in per_case[0]}
+        if abilities:
+            examples.update(self._record_mean_evaluators(len(self.cases), abilities))
         self.store.save(self.rows, self.done, complete=True, templates=self.templates,
                         examples={len(self.cases): examples})
 
@@ -411,6 +441,34 @@ class EditRun:
             examples[name] = examples_of(result)
         return examples
 
+    def _evaluate(self) -> dict[str, tuple[dict, dict]]:
+        """Every evaluator on the model as it is: ``{name: (means, per-example Samples)}``."""
+        found = {}
+        for name, evaluate in self.evaluators.items():
+            result = evaluate(self.model, self.tok)
+            found[name] = (dict(result), examples_of(result))
+        return found
+
+    def _record_mean_evaluators(self, checkpoint: int, evaluations: list[dict]) -> dict[str, dict[str, Sample]]:
+        """Rows of the evaluators averaged over several edited models (single edits, each on the original
+        model): per example, the mean of its scores after each edit (a Sample on the same examples,
+        which :mod:`kelib.verdicts` pairs with the unedited model's); a metric without per-example
+        scores gets the mean of its means."""
+        examples = {}
+        for name in self.evaluators:
+            means = [e[name][0] for e in evaluations]
+            samples = [e[name][1] for e in evaluations]
+            examples[name] = {}
+            for metric in means[0]:
+                if all(metric in s for s in samples):
+                    sample = _mean_sample([s[metric] for s in samples])
+                    examples[name][metric] = sample
+                    value = sample.mean
+                else:
+                    value = sum(m[metric] for m in means) / len(means)
+                self.rows.append(self._row(checkpoint, name, None, metric, value))
+        return examples
+
     def _checkpoint(self, n_done: int) -> None:
         final = n_done == self.spec.n_edits
         so_far = self.cases[:n_done]
@@ -421,13 +479,18 @@ class EditRun:
             for metric, value in scores.items():
                 self.rows.append(self._row(n_done, "edits", None, metric, value))
             examples = {"edits": examples_of(scores), **self._record_evaluators(n_done)}
-        self._save(complete=final, examples={n_done: examples})
+        self._save(complete=final, examples={n_done: examples}, checkpoint=n_done)
 
     # -- persistence -----------------------------------------------------------------------------
 
-    def _save(self, complete: bool, examples: dict | None = None) -> None:
-        """Checkpoint a sequential run: its table, and while unfinished everything its future needs."""
+    def _save(self, complete: bool, examples: dict | None = None, checkpoint: int | None = None) -> None:
+        """Checkpoint a sequential run: its table, and while unfinished everything its future needs;
+        the edited layers' weights at this checkpoint when small (:data:`CHECKPOINT_WEIGHTS_LIMIT`)."""
         state = final_weights = None
+        weights_now = None
+        if checkpoint and sum(self.originals[layer].numel() * 4 for layer in self.layers) <= CHECKPOINT_WEIGHTS_LIMIT:
+            weights_now = {checkpoint: {layer: get_weight(self.model, layer).detach().cpu().float().clone()
+                                        for layer in self.layers}}
         if not complete:
             state = {
                 "done": self.done,
@@ -443,7 +506,7 @@ class EditRun:
             with self.regularizer.evaluation_view(self.model):
                 final_weights = {layer: get_weight(self.model, layer).detach().cpu().clone() for layer in self.layers}
         self.store.save(self.rows, self.done, complete, state=state, final_weights=final_weights,
-                        templates=self.templates, examples=examples)
+                        templates=self.templates, examples=examples, checkpoint_weights=weights_now)
 
     def _resume(self) -> None:
         """Continue an interrupted sequential run from its last checkpoint, exactly where it was."""
@@ -464,6 +527,16 @@ class EditRun:
         self.editor_state = state["editor_state"]
         self.templates = state["templates"]
         set_rng_state(state["rng"])
+
+
+def _mean_sample(samples: Sequence[Sample]) -> Sample:
+    """Per example, the mean of several Samples of the same examples (same ids, weights and scale)."""
+    first = samples[0]
+    for other in samples[1:]:
+        if len(other) != len(first) or other.ids != first.ids:
+            raise ValueError("an evaluator scored other examples after another edit: cannot average per example")
+    values = sum(s.values for s in samples) / len(samples)
+    return Sample(values, first.weights, first.ids, first.log, first.higher_is_better)
 
 
 def _float32_copy(weight: torch.Tensor) -> torch.Tensor:

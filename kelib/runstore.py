@@ -14,6 +14,9 @@ A run folder holds
 - ``examples/<checkpoint>.json``: per-example scores of the edits and evaluators at each checkpoint
   (:mod:`kelib.examples`), what :mod:`kelib.verdicts` bootstraps over.
 - ``final_weights.pt`` (a finished sequential run): the edited layers' weights, as evaluated.
+- ``checkpoint_weights/<checkpoint>.pt`` (sequential runs whose edited matrices are small, see
+  :data:`kelib.runner.CHECKPOINT_WEIGHTS_LIMIT`): the edited layers' weights at each checkpoint, as
+  the chain of edits left them (before any evaluation view), for re-evaluation (:mod:`kelib.ablations`).
 
 Every file is written atomically. A folder whose identity differs from the run asked for is never
 resumed: :class:`RunMismatch` says what changed.
@@ -42,6 +45,7 @@ from kelib.io import atomic_path, read_json, sha256_file, stable_hash, write_jso
 RUN_FORMAT = 2
 
 COLUMNS = ["checkpoint", "scope", "layer", "metric", "value"]
+CHECKPOINT_WEIGHTS_DIR = "checkpoint_weights"
 
 
 class RunMismatch(ValueError):
@@ -173,7 +177,8 @@ class RunStore:
 
     def save(self, rows: list[dict], done: int, complete: bool, state: dict | None = None,
              final_weights: dict | None = None, templates: dict | None = None,
-             examples: dict[int, dict] | None = None) -> None:
+             examples: dict[int, dict] | None = None,
+             checkpoint_weights: dict[int, dict] | None = None) -> None:
         """Write examples, state, templates, weights, results, then ``run.json`` (the commit marker).
 
         ``examples``: ``{checkpoint: {scope: {metric: Sample}}}`` of the checkpoint being saved."""
@@ -187,6 +192,10 @@ class RunStore:
                 torch.save(state, tmp)
         if templates:
             write_json(self.out_dir / "templates.json", templates)
+        for checkpoint, weights in (checkpoint_weights or {}).items():
+            (self.out_dir / CHECKPOINT_WEIGHTS_DIR).mkdir(exist_ok=True)
+            with atomic_path(self.out_dir / CHECKPOINT_WEIGHTS_DIR / f"{int(checkpoint)}.pt") as tmp:
+                torch.save(weights, tmp)
         if final_weights is not None:
             with atomic_path(self.out_dir / "final_weights.pt") as tmp:
                 torch.save(final_weights, tmp)
@@ -196,6 +205,13 @@ class RunStore:
                                                "done": done, "complete": complete})
         if complete and (self.out_dir / "state.pt").exists():
             (self.out_dir / "state.pt").unlink()
+
+
+def read_checkpoint_weights(run_dir: str | Path, checkpoint: int) -> dict[int, torch.Tensor] | None:
+    """The edited layers' weights a sequential run kept at ``checkpoint`` (on the CPU), or None when
+    it kept none there (matrices too large, or a run made before they were kept)."""
+    path = Path(run_dir) / CHECKPOINT_WEIGHTS_DIR / f"{int(checkpoint)}.pt"
+    return torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
 
 
 def editor_module(editor) -> str:

@@ -35,6 +35,13 @@ checkpoints: list = [100, 250, 500, 750]  # intermediate evaluations
 executor: object = "inline"  # where runs compute: inline (one after another, here), local (worker processes), slurm, or a mapping {name: slurm, partition: gpu, ...} (Slurm jobs through submitit; options: kelib.cluster.SlurmOptions)
 workers: int = 0  # processes of the local executor; 0: one per CPU core (one per GPU on cuda)
 prune_alpha: str = "e"  # log base of PRUNE's F: e, 2, 1.5, 1.2 or linear
+# PRUNE's ablation (the section below): the α sweep post hoc, and per-step against post-hoc
+sweep_editors: list = ["ROME", "MEMIT", "MEND"]  # editors alone in `runs` whose chain the α sweep restrains
+sweep_alphas: list = ["e", 2, 1.5, 1.2, "linear"]  # PRUNE's bases (and its linear F)
+sweep_checkpoints: list = []  # milestones of the sweep (among the runs' checkpoints and n_edits); empty: all
+sweep_eval_cases: int = 100  # edits scored per milestone (evenly spaced), as at the runs' intermediate checkpoints
+per_step_alphas: list = ["e"]  # α of the per-step PRUNE runs
+per_step_edits: int = 0  # sequential edits of the per-step runs; 0: n_edits (and the same checkpoints)
 runs: list = [
     {"editor": "ROME", "batch_size": 1},
     {"editor": "MEMIT", "batch_size": 1},
@@ -47,6 +54,7 @@ runs: list = [
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import seaborn as sns
 import torch
 
@@ -152,6 +160,95 @@ print(f"Condition number grows (>1.5x) without PRUNE: {numbers['grows']}; PRUNE 
 # restraint of Δ's singular values above σmax(W_0) bounds it and keeps abilities. The printed lines
 # are computed from this run, each verdict with its evidence; the spectra show which singular values
 # of Δ PRUNE restrained.
+
+# %% [markdown]
+# ## PRUNE's ablation: the base α, and per-step against post-hoc
+# PRUNE's F compresses the singular values of Δ = W_n − W_0 above σmax(W_0) with log base α (e, 2,
+# 1.5, 1.2; a larger base restrains more) or halves their excess (linear). Post hoc (PRUNE's code),
+# every α restrains the *same* chain of edits, the editor's own: each α is evaluated here from the
+# weights the editor's run above kept at its checkpoints, without editing again (kelib/ablations.py;
+# a run that kept none, as on 7B models, gets one PRUNE run per α instead, which computes the same
+# numbers). Per step, PRUNE restrains after every edit and the next edit starts from the restrained
+# weights: a chain of its own, run for `per_step_alphas` over `per_step_edits` edits. At each
+# milestone: efficacy, paraphrase and specificity beside the condition number of the last edited
+# layer; the same `sweep_eval_cases` evenly spaced edits are scored at every milestone of the sweep.
+
+# %%
+from kelib import ablations
+
+sweep_grid = grid[grid.editor.isin(sweep_editors)]
+if sweep_checkpoints:
+    sweep_grid = sweep_grid[sweep_grid.checkpoint.isin([0, *sweep_checkpoints])]
+sweep, sweep_examples, no_weights = ablations.prune_posthoc_sweep(setup, sweep_grid, sweep_alphas,
+                                                                  max_eval_cases=sweep_eval_cases)
+parts = [sweep, ablations.from_runs(sweep_grid[sweep_grid.regularizer == "none"])]
+if no_weights:  # no checkpoint weights kept: one PRUNE run per α computes the same views
+    print(f"No checkpoint weights kept by the runs of {no_weights} (matrices over kelib.runner.CHECKPOINT_WEIGHTS_LIMIT, "
+          "half precision, or runs cached before kelib kept them; deleting such a run's folder recomputes it once, "
+          "with them): one post-hoc PRUNE run per α instead.")
+    posthoc_grid = experiments.run_grid(setup, ablations.prune_runs(no_weights, sweep_alphas, "post_hoc"), n_edits=n_edits,
+                                        checkpoints=checkpoints, executor=executor, workers=workers)
+    parts.append(ablations.from_runs(posthoc_grid))
+step_edits = per_step_edits or n_edits
+step_grid = experiments.run_grid(setup, ablations.prune_runs(sweep_editors, per_step_alphas, "per_step"), n_edits=step_edits,
+                                 checkpoints=[c for c in checkpoints if c < step_edits], executor=executor, workers=workers)
+parts.append(ablations.from_runs(step_grid))
+tradeoff = ablations.tradeoff_table(pd.concat(parts, ignore_index=True))
+tradeoff = tradeoff[tradeoff.checkpoint > 0]
+plotting.save_table(tradeoff.round(5), out_dir, "prune_ablation")
+raises = ablations.prune_raises(setup, {e: experiments.editor_hparams(setup, e).layers[-1:] for e in sweep_editors},
+                                sweep_alphas)
+plotting.save_table(raises.round(4), out_dir, "prune_ablation_raises")  # where F raises instead of restrains
+raises
+
+# %%
+# The trade-off: κ of the last edited layer against the edits (top), editing performance against κ (bottom)
+alpha_order = ["none", *[ablations.alpha_name(ablations.parse_alpha(a)) for a in sweep_alphas]]
+palette = dict(zip(alpha_order, ["black", *sns.color_palette("viridis", len(alpha_order) - 1)]))
+fig, axes = plt.subplots(2, len(sweep_editors), figsize=(4.2 * len(sweep_editors), 6.4), squeeze=False)
+for col, editor in enumerate(sweep_editors):
+    mine = tradeoff[tradeoff.editor == editor]
+    for (base, mode), line in sorted(mine.groupby(["alpha", "mode"]), key=lambda g: (alpha_order.index(g[0][0]), g[0][1])):
+        line = line.sort_values("checkpoint")
+        style = {"color": palette.get(base, "grey"), "label": "none" if base == "none" else f"α={base} {mode.replace('_', '-')}",
+                 "ls": "--" if mode == "per_step" else "-", "marker": "s" if mode == "per_step" else "o", "ms": 4}
+        axes[0, col].plot(line.checkpoint, line.condition_number, **style)
+        axes[1, col].plot(line.condition_number, line.edit_mean, **style)
+        for point in line.itertuples():
+            axes[1, col].annotate(f"{point.checkpoint}", (point.condition_number, point.edit_mean), fontsize=6,
+                                  xytext=(2, 2), textcoords="offset points", color=style["color"])
+    axes[0, col].set(yscale="log", title=f"{editor}: κ(W) of the last edited layer", xlabel="sequential edits")
+    axes[1, col].set(xscale="log", title=f"{editor}: editing vs κ (labels: edits)", xlabel="κ(W)",
+                     ylabel="mean of efficacy, paraphrase, specificity" if col == 0 else "")
+axes[0, -1].legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=7)
+fig.subplots_adjust(hspace=0.45)
+plotting.provenance_caption(fig, {**setup.description, "n_edits": n_edits, "per-step edits": step_edits,
+                                  "α": sweep_alphas, "per-step α": per_step_alphas,
+                                  "edits scored per milestone": sweep_eval_cases})
+plotting.save_figure(fig, out_dir, "prune_ablation")
+tradeoff[["editor", "alpha", "mode", "checkpoint", *ablations.EDIT_COLUMNS, "edit_mean", "condition_number"]].round(3)
+
+# %% [markdown]
+# **Verdicts of the ablation.** At each editor's last milestone: every post-hoc α against the editor
+# alone, κ lower (no sampling noise: more than 1% lower) and editing performance lower per case (the
+# price of the restraint; "no detectable effect" if none); per step against post hoc at the per-step
+# runs' last milestone, on the cases both scored, and on the abilities where the post-hoc PRUNE run
+# above (α = `prune_alpha`) measured them at that milestone.
+
+# %%
+main_prune = {ablations.alpha_name(alpha): grid[(grid.regularizer == "PRUNE") & (grid.protocol == "sequential")]}
+ablation_verdicts = ablations.prune_verdicts(tradeoff, sweep_examples, sweep_grid, step_grid,
+                                            posthoc_grid if no_weights else None, main_prune)
+numbers["prune_ablation"] = {
+    "alphas": [ablations.alpha_name(ablations.parse_alpha(a)) for a in sweep_alphas],
+    "per_step_alphas": [ablations.alpha_name(ablations.parse_alpha(a)) for a in per_step_alphas],
+    "per_step_edits": step_edits,
+    "from_checkpoint_weights": [e for e in sweep_editors if e not in no_weights],
+    "table": tradeoff.round(6).to_dict("records"),
+    "raises": raises.round(6).to_dict("records"),
+    "verdicts": experiments.print_verdicts(ablation_verdicts),
+}
+plotting.write_numbers(out_dir, numbers)
 
 # %% [markdown]
 # **Explore the runs.** In JupyterLab the cell below shows a panel over `grid`, this notebook's cached

@@ -119,3 +119,33 @@ def test_mquake_table_runs_d4s_table3_editors(variant):
     assert l1["mquake_dataset"] == "mquake_hard"
     assert sorted(l1["mquake_settings"]) == sorted(["FT", "ROME", "MEMIT", "GRACE", "PMET", "MEMIT + D4S"])
     assert set(l1["mquake_settings"]) <= {run_setting(r) for r in l1["runs"]}
+
+
+def test_llama1_7b_params_are_rects_easyedit_files_and_fit_the_models_shape(monkeypatch, tmp_path):
+    """RECT's LLaMA-1-7B (params/llama-7b): EasyEdit's llama-7b files (ROME without C0, as RECT's fork),
+    statistics windows of LLaMA-1's 2,048 positions, and a preflight against LLaMA-1-7B's config
+    (built here, offline) that finds every editor's layers and only MEND untrained."""
+    from transformers import LlamaConfig
+
+    from kelib import preflight
+    from kelib.reproduce import PARAMS_DIR
+
+    rome, memit = load_hparams("ROME", "llama-7b"), load_hparams("MEMIT", "llama-7b")
+    assert rome.mom2_adjustment is False and rome.original_key_use is True and rome.layers == [5]
+    assert memit.layers == [4, 5, 6, 7, 8] and memit.mom2_update_weight == 15000 and memit.clamp_norm_factor == 4
+    for hp in (rome, memit):
+        assert (hp.mom2_n_samples, hp.mom2_max_length) == (100_000, 2048)
+    for notebook in ("side_effects", "regularizer_recovery"):
+        params = yaml.safe_load((REPO_DIR / "params" / "llama-7b" / f"{notebook}.yaml").read_text())
+        assert params["model_name"] == "huggyllama/llama-7b" and params["hparams"] == "llama-7b"
+    monkeypatch.setenv("KELIB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         max_position_embeddings=2048, vocab_size=32000)
+    config._name_or_path = "huggyllama/llama-7b"
+    monkeypatch.setattr(preflight, "model_config", lambda name: (config, name, None))
+    report = preflight.check_variant(PARAMS_DIR / "llama-7b", device="cuda", dtype="float16")
+    failed = {f.where: f.message for f in report.problems}
+    assert not any("layers the model lacks" in m or "no hyperparameters" in m for m in failed.values()), failed
+    assert any("MEND is not trained" in m for m in failed.values()), failed
+    assert report.memory[0].nbytes == 2 * 6_738_415_616  # LLaMA-1-7B's parameters in float16

@@ -1,11 +1,15 @@
-"""Regularizers: RECT, PRUNE and D4S transform editors' updates (see :mod:`kelib.regularizers.base`)."""
+"""Regularizers: RECT, PRUNE and D4S transform editors' updates (see :mod:`kelib.regularizers.base`);
+``random`` and ``PCA`` are RECT's two baselines at its budget of kept entries (its ablation)."""
 
 from kelib.regularizers.base import Regularizer
 from kelib.regularizers.d4s import D4S, D4SParams
+from kelib.regularizers.pca import PCA, PCAParams, pca_rank, pca_reduce
 from kelib.regularizers.prune import PRUNE, PRUNEParams, restrain
+from kelib.regularizers.random_mask import RandomMask, RandomMaskParams, kept_entries, random_mask
 from kelib.regularizers.rect import RECT, RECTParams, rect
 
-REGULARIZERS = {"none": (Regularizer, None), "RECT": (RECT, RECTParams), "PRUNE": (PRUNE, PRUNEParams), "D4S": (D4S, D4SParams)}
+REGULARIZERS = {"none": (Regularizer, None), "RECT": (RECT, RECTParams), "PRUNE": (PRUNE, PRUNEParams), "D4S": (D4S, D4SParams),
+                "random": (RandomMask, RandomMaskParams), "PCA": (PCA, PCAParams)}
 
 
 def make_regularizer(name: str, params: dict | None = None, editor_hparams=None) -> Regularizer:
@@ -26,4 +30,5 @@ def make_regularizer(name: str, params: dict | None = None, editor_hparams=None)
     return cls(checked)
 
 
-__all__ = ["Regularizer", "RECT", "RECTParams", "PRUNE", "PRUNEParams", "D4S", "D4SParams", "make_regularizer", "rect", "restrain"]
+__all__ = ["Regularizer", "RECT", "RECTParams", "PRUNE", "PRUNEParams", "D4S", "D4SParams", "make_regularizer", "rect", "restrain",
+           "RandomMask", "RandomMaskParams", "random_mask", "kept_entries", "PCA", "PCAParams", "pca_rank", "pca_reduce"]
