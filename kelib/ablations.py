@@ -21,7 +21,6 @@ checks the two agree). Per-step PRUNE changes the chain, so it is always a run o
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from typing import Sequence
 

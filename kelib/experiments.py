@@ -346,7 +346,10 @@ def estimated_seconds(run: dict, n_edits: int, checkpoints: Sequence[int]) -> fl
     factor, and an evaluation per checkpoint."""
     per_edit = EDIT_SECONDS.get(run["editor"], max(EDIT_SECONDS.values()))
     per_edit *= REGULARIZER_FACTOR.get(run.get("regularizer", "none"), 1.0)
-    evaluations = len(set(checkpoints) | {0, n_edits}) if run.get("protocol", "sequential") == "sequential" else 1
+    if run.get("protocol", "sequential") == "sequential":
+        evaluations = len(set(checkpoints) | {0, n_edits})
+    else:
+        evaluations = 1 + run.get("ability_edits", 0)  # single edits: abilities after each of the first N
     return n_edits * per_edit + evaluations * CHECKPOINT_SECONDS
 
 
