@@ -24,15 +24,12 @@ a folder written with other inputs (spec, hyperparameters, weights, cases, evalu
 is refused with a message saying what changed. A run starts from random-number states seeded with
 ``spec.seed`` and gives the caller's states back when it ends.
 
-Only the edited layers' original weights are kept (not a model copy); :meth:`EditRun.restore` puts
-them back and checks that the restored weights are bit-identical.
-
-Half precision (issue #20): on a model loaded in float16 or bfloat16, the edited matrices (and PMET's
-second projection) are kept in float32 while the run edits them, the rest of the model in its dtype
-(:func:`kelib.models.keep_in_float32`; the memory this costs is printed). Updates are computed,
-applied and accumulated in float32, and the diagnostics describe that float32 matrix; ``restore``
-returns the matrices to the model's dtype. Every applied update is checked against the intended one
-(one norm per matrix): an update lost to rounding is an :class:`~kelib.editors.base.EditError`.
+The edited matrices are :class:`kelib.edited_weights.EditedWeights`: only their originals are kept
+(not a model copy), and :meth:`EditRun.restore` puts them back, checked bit-identical. On a model in
+float16 or bfloat16 (issue #20) they are kept in float32 while the run edits them, so updates are
+applied and accumulated in float32 and the diagnostics describe that float32 matrix; every applied
+update is checked against the intended one (an update lost to rounding is an
+:class:`~kelib.editors.base.EditError`).
 
 Editors that touch a second projection (PMET's attention output) have its diagnostics recorded under
 scope ``weights:<part>``. Editors that keep their edits outside the weights (GRACE's codebook) are
@@ -58,13 +55,11 @@ from kelib.editors.base import EditError, edited_parts, get_editor
 from kelib.editors.context import pinned_templates
 from kelib.examples import Sample, examples_of
 from kelib.metrics import counterfact_scores, zsre_metrics
-from kelib.models import (check_layer, get_weight, keep_in_float32, release_float32, same_device, set_weight,
-                          weights_fingerprint)
+from kelib.edited_weights import EditedWeights
+from kelib.models import check_layer, get_weight, same_device, weights_fingerprint
 from kelib.runstore import COLUMNS, RunStore, code_identity, editor_module, rng_state, seeded_rng, set_rng_state
 
 Protocol = Literal["single", "batch", "sequential"]
-# Largest relative error ||W_stored - (W + ΔW)|| / ||ΔW|| of an applied update (0 in float32 storage).
-APPLY_TOLERANCE = 1e-3
 Evaluator = Callable[[object, object], dict]  # (model, tok) -> {metric: value}
 
 
@@ -183,23 +178,14 @@ class EditRun:
         known = {f.name for f in dataclasses.fields(hparams)}
         self.hparams = dataclasses.replace(hparams, **{k: v for k, v in overrides.items() if k in known})
         self.layers = [check_layer(model, layer) for layer in self.hparams.layers]
-        # originals in float32 (exact copies of half-precision weights): the edited matrices are
-        # kept in float32 while the run edits them (:meth:`_keep_in_float32`)
-        self.originals = {layer: _float32_copy(get_weight(model, layer)) for layer in self.layers}
-        self.other_parts = [p for p in edited_parts(self.hparams) if p != "mlp_out"]
-        if self.other_parts and spec.regularizer != "none":
+        other_parts = [p for p in edited_parts(self.hparams) if p != "mlp_out"]
+        if other_parts and spec.regularizer != "none":
             raise ValueError(
-                f"{spec.editor} also updates {self.other_parts}; regularizers transform MLP output updates "
+                f"{spec.editor} also updates {other_parts}; regularizers transform MLP output updates "
                 f"only, so {spec.regularizer} would leave those unregularized: run it without one"
             )
-        self.other_originals = {
-            (part, layer): _float32_copy(get_weight(model, layer, part))
-            for part in self.other_parts for layer in self.layers
-        }
-        self.sites = [(layer, "mlp_out") for layer in self.layers]
-        self.sites += [(layer, part) for part, layer in self.other_originals]
-        half = sorted({str(get_weight(model, layer, part).dtype).removeprefix("torch.")
-                       for layer, part in self.sites} - {"float32", "float64"})
+        self.weights = EditedWeights(model, self.layers, other_parts)
+        half = self.weights.half_precision_dtypes()
         self.evaluators = evaluators or {}
         self.progress = progress
         self.editor_state: dict = {}
@@ -255,38 +241,17 @@ class EditRun:
         return self.table
 
     def restore(self) -> None:
-        """Put back the edited layers' original weights, return matrices kept in float32 to the model's
-        dtype (exact: the originals came from it), and check the weights are bit-identical.
+        """Put back the edited layers' original weights in the model's dtype, checked bit-identical
+        (:meth:`kelib.edited_weights.EditedWeights.restore`)."""
+        self.weights.restore()
 
-        The model leaves the run as it came, dtypes included, so the next run's weights fingerprint
-        does not depend on which runs came before."""
-        self._restore_weights()
-        release_float32(self.model, self.sites)
-        self._check_restored()
-
-    def _restore_weights(self) -> None:
-        for (layer, part), w0 in self._originals():
-            set_weight(self.model, layer, w0, part)
-        self._check_restored()
-
-    def _check_restored(self) -> None:
-        for (layer, part), w0 in self._originals():
-            if not torch.equal(get_weight(self.model, layer, part).to(w0.dtype), w0):
-                raise RuntimeError(f"{part} of layer {layer} could not be restored exactly")
-
-    def _originals(self) -> list[tuple[tuple[int, str], torch.Tensor]]:
-        sites = [((layer, "mlp_out"), w0) for layer, w0 in self.originals.items()]
-        return sites + [((layer, part), w0) for (part, layer), w0 in self.other_originals.items()]
+    @property
+    def originals(self) -> dict[int, torch.Tensor]:
+        """W_0 of each edited MLP output projection, by layer (float32 or wider)."""
+        return self.weights.originals
 
     def _keep_in_float32(self) -> None:
-        """Keep the edited matrices in float32 when the model is in half precision (see
-        :func:`kelib.models.keep_in_float32`); prints what it costs in memory."""
-        dtypes = {get_weight(self.model, layer, part).dtype for layer, part in self.sites}
-        added = keep_in_float32(self.model, self.sites)
-        if added:
-            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-            print(f"kelib: the {len(self.sites)} edited matrices of this {self.spec.editor} run are kept in "
-                  f"float32 (the model stays in {names}): {added / 2**20:.1f} MiB more memory")
+        self.weights.keep_in_float32(self.spec.editor)
 
     @contextlib.contextmanager
     def evaluation_view(self):
@@ -318,38 +283,6 @@ class EditRun:
         for layer, delta in deltas.items():
             same_device(delta, get_weight(self.model, layer, part), what=f"{what} of {part} at layer {layer} and W")
 
-    def _apply(self, update: dict[int, torch.Tensor], result) -> None:
-        for layer, delta in update.items():
-            self._add(layer, delta, "mlp_out")
-        for part, deltas in result.other_parts.items():
-            for layer, delta in deltas.items():
-                self._add(layer, delta, part)
-
-    def _add(self, layer: int, delta: torch.Tensor, part: str) -> None:
-        """W ← W + ΔW (summed in float32), then check that the stored W took it: the relative error
-        ||W_stored − (W + ΔW)|| / ||ΔW|| must be at most :data:`APPLY_TOLERANCE`.
-
-        In float32 storage it is 0; a matrix stored in half precision would lose most of a small update
-        to rounding (the error measured in bfloat16 for MEMIT's: 0.89), and the run would go on
-        measuring rounding. The runner keeps edited matrices in float32, so this guards against a
-        path that bypasses it (a module converted back, a model loaded differently)."""
-        w = get_weight(self.model, layer, part)
-        same_device(delta, w, what=f"the update of {part} at layer {layer} and W")
-        intended = delta.float()
-        wanted = w.float() + intended
-        set_weight(self.model, layer, wanted, part)
-        size = float(torch.linalg.norm(intended))
-        if size == 0:
-            return
-        error = float(torch.linalg.norm(get_weight(self.model, layer, part).float() - wanted)) / size
-        if not error <= APPLY_TOLERANCE:
-            raise EditError(
-                f"the update of {part} at layer {layer} was not applied as computed: stored in "
-                f"{str(w.dtype).removeprefix('torch.')}, the applied change is {error:.3g} away from the "
-                f"intended one (relative error; at most {APPLY_TOLERANCE:g} allowed). Keep the edited "
-                "matrices in float32 (kelib.models.keep_in_float32) or load the model in float32"
-            )
-
     def _chunks(self, cases: Sequence) -> list[list]:
         size = self.spec.batch_size if self.editor.batchable else 1
         return [list(cases[i : i + size]) for i in range(0, len(cases), size)]
@@ -365,7 +298,7 @@ class EditRun:
                 try:
                     for chunk in self._chunks(unit):  # a non-batchable editor: chunks applied in turn
                         update, result = self._call_editor(chunk)
-                        self._apply(update, result)
+                        self.weights.apply(update, result.other_parts)
                         bar.update(len(chunk))
                     with self.evaluation_view():
                         per_unit.append((len(unit), edit_metrics(self.model, self.tok, unit)))
@@ -375,7 +308,7 @@ class EditRun:
                         elif index < self.spec.ability_edits:
                             abilities.append(self._evaluate())
                 finally:
-                    self._restore_weights()  # still in float32 for the next unit; restore() releases them
+                    self.weights.reset()  # still in float32 for the next unit; restore() releases them
                     self.regularizer.start(self.model, self.originals, self.stats)
                     self.editor_state = {}  # AlphaEdit's past keys, GRACE's codebook: this unit's only
         finally:
@@ -406,7 +339,7 @@ class EditRun:
             if position <= self.done:
                 continue  # done before an interruption
             update, result = self._call_editor(chunk)
-            self._apply(update, result)
+            self.weights.apply(update, result.other_parts)
             self.done = position
             edited += len(chunk)
             bar.update(len(chunk))
@@ -424,7 +357,7 @@ class EditRun:
         for layer in self.layers:
             stats = weight_diagnostics(get_weight(self.model, layer), self.originals[layer])
             self.rows += [self._row(checkpoint, "weights", layer, k, v) for k, v in stats.items()]
-        for (part, layer), w0 in self.other_originals.items():
+        for (part, layer), w0 in self.weights.other_originals.items():
             stats = weight_diagnostics(get_weight(self.model, layer, part), w0)
             self.rows += [self._row(checkpoint, f"weights:{part}", layer, k, v) for k, v in stats.items()]
 
@@ -482,47 +415,39 @@ class EditRun:
         self._save(complete=final, examples={n_done: examples}, checkpoint=n_done)
 
     # -- persistence -----------------------------------------------------------------------------
+    # At a checkpoint the store gets the table, and while the run is unfinished its state: everything
+    # the rest of it depends on. Resuming loads that state back; the protocol loop only skips the
+    # edits already done.
 
     def _save(self, complete: bool, examples: dict | None = None, checkpoint: int | None = None) -> None:
-        """Checkpoint a sequential run: its table, and while unfinished everything its future needs;
-        the edited layers' weights at this checkpoint when small (:data:`CHECKPOINT_WEIGHTS_LIMIT`)."""
-        state = final_weights = None
-        weights_now = None
-        if checkpoint and sum(self.originals[layer].numel() * 4 for layer in self.layers) <= CHECKPOINT_WEIGHTS_LIMIT:
-            weights_now = {checkpoint: {layer: get_weight(self.model, layer).detach().cpu().float().clone()
-                                        for layer in self.layers}}
+        """Checkpoint a sequential run: its table, its state while unfinished (the final weights, as
+        evaluated, once finished), and the edited layers' weights at this checkpoint when small
+        (:data:`CHECKPOINT_WEIGHTS_LIMIT`)."""
+        state = final_weights = weights_now = None
+        if checkpoint and sum(w.numel() * 4 for w in self.originals.values()) <= CHECKPOINT_WEIGHTS_LIMIT:
+            weights_now = {checkpoint: self.weights.current(torch.float32)}
         if not complete:
-            state = {
-                "done": self.done,
-                "weights": {layer: get_weight(self.model, layer).detach().cpu().clone() for layer in self.layers},
-                "other_weights": {site: get_weight(self.model, site[1], site[0]).detach().cpu().clone()
-                                  for site in self.other_originals},
-                "regularizer": self.regularizer.state_dict(),
-                "editor_state": self.editor_state,
-                "templates": self.templates,
-                "rng": rng_state(),
-            }
+            state = self._state()
         else:
             with self.regularizer.evaluation_view(self.model):
-                final_weights = {layer: get_weight(self.model, layer).detach().cpu().clone() for layer in self.layers}
+                final_weights = self.weights.current()
         self.store.save(self.rows, self.done, complete, state=state, final_weights=final_weights,
                         templates=self.templates, examples=examples, checkpoint_weights=weights_now)
 
+    def _state(self) -> dict:
+        """Everything the rest of a sequential run depends on, as it is now."""
+        return {"done": self.done, **self.weights.snapshot(), "regularizer": self.regularizer.state_dict(),
+                "editor_state": self.editor_state, "templates": self.templates, "rng": rng_state()}
+
     def _resume(self) -> None:
         """Continue an interrupted sequential run from its last checkpoint, exactly where it was."""
-        saved = self.store.saved()
-        if saved is None:
-            return
-        state = self.store.state()
-        if state is None:  # stopped before its first checkpoint: start afresh
+        state = self.store.state() if self.store.saved() is not None else None
+        if state is None:  # nothing saved, or stopped before its first checkpoint: start afresh
             return
         self.done = state["done"]
         # rows written after this state (a stop between the results and run.json) are recomputed
         self.rows = [r for r in self.store.rows() if r["checkpoint"] <= self.done]
-        for layer, w in state["weights"].items():
-            set_weight(self.model, layer, w)
-        for (part, layer), w in state["other_weights"].items():
-            set_weight(self.model, layer, w, part)
+        self.weights.load(state)
         self.regularizer.load_state_dict(state["regularizer"])
         self.editor_state = state["editor_state"]
         self.templates = state["templates"]
@@ -537,12 +462,6 @@ def _mean_sample(samples: Sequence[Sample]) -> Sample:
             raise ValueError("an evaluator scored other examples after another edit: cannot average per example")
     values = sum(s.values for s in samples) / len(samples)
     return Sample(values, first.weights, first.ids, first.log, first.higher_is_better)
-
-
-def _float32_copy(weight: torch.Tensor) -> torch.Tensor:
-    """An exact copy in at least float32: half precision widens, float32 and float64 stay as they are
-    (a float64 model cast to float32 here would come back rounded from ``restore``)."""
-    return weight.detach().to(torch.promote_types(weight.dtype, torch.float32), copy=True)
 
 
 def run_edits(model, tok, cases, spec: RunSpec | dict, hparams, stats=None, out_dir=None,

@@ -190,7 +190,7 @@ def small_update_editor(scale: float):
 def test_an_update_that_does_not_land_is_a_clear_error(tiny_tokenizer, monkeypatch):
     """The applied-update check: an apply that drops the update, or half-precision storage that rounds
     a small update away (the runner's float32 switched off), stops the run naming layer and dtype."""
-    from kelib import runner
+    from kelib import edited_weights
 
     tok = tiny_tokenizer
     model = half_model("llama", torch.bfloat16, tok)
@@ -201,7 +201,7 @@ def test_an_update_that_does_not_land_is_a_clear_error(tiny_tokenizer, monkeypat
 
     dropped = EditRun(model, tok, CASES, spec, hp, IdentityStats(model), progress=False)
     with monkeypatch.context() as patch:
-        patch.setattr(runner, "set_weight", lambda *args, **kwargs: None)
+        patch.setattr(edited_weights, "set_weight", lambda *args, **kwargs: None)
         with pytest.raises(EditError, match=r"mlp_out at layer 0 was not applied as computed.*float32.*1 away"):
             dropped.run()
     dropped.restore()

@@ -108,16 +108,19 @@ def test_rerun_skips_unchanged_reruns_after_param_change_and_on_force(batch):
 def test_notebooks_side_by_side_give_the_results_of_one_at_a_time(batch, tmp_path):
     """Two notebooks executed at once, each in its own process: the statuses, numbers, failure report
     and files of the batch that ran them one after the other (its first run, x=3), in the plan's order."""
+    from kelib.executors import available_cores
+
     lines: list[str] = []
     kwargs = {**batch["kwargs"], "out_root": tmp_path / "figures", "runs_root": tmp_path / "runs", "log": lines.append}
     variant = _write_params(tmp_path / "params" / "smoke", double={"x": 3}, fails={})
     together = _run(variant, notebooks_at_once=2, **kwargs)
-    assert "reproduce smoke: 2 notebooks at a time" in lines
+    assert f"reproduce smoke: 2 notebooks at a time, {max(1, available_cores() // 2)} thread(s) each" in lines
     serial = batch["results"]
     assert [r.name for r in together] == ["double", "fails"]
     assert [r.status for r in together] == [r.status for r in serial]
     assert together[1].error == serial[1].error and together[1].cell == serial[1].cell
     numbers = json.loads((together[0].out_dir / "numbers.json").read_text())
+    assert numbers["omp_threads"] == str(max(1, available_cores() // 2))  # the kernel's share of the cores
     assert numbers["double"] == 6 and numbers["x"] == 3 and numbers["python"] == sys.executable
     assert (together[0].out_dir / "table.md").read_text() == "| x | double |\n| ---: | ---: |\n| 3 | 6 |\n"
     assert (together[0].out_dir / ".inputs.json").exists() and not (together[1].out_dir / ".inputs.json").exists()
