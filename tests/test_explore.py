@@ -133,9 +133,13 @@ def reproduce_sets(text: str) -> tuple[list[str], dict]:
 def condition_number_namespace(**changes):
     """What the condition-number notebook's globals hold after a smoke-variant run (papermill's
     injected values over the parameters cell)."""
+    import yaml
+
+    from kelib.reproduce import PARAMS_DIR
+
     namespace = ex.notebook_defaults("condition_number")
-    namespace.update(out_dir="../figures/smoke/condition_number", model_name="kelib-micro", n_edits=4,
-                     checkpoints=[2], grid=None, setup=object())
+    namespace.update(yaml.safe_load((PARAMS_DIR / "smoke" / "condition_number.yaml").read_text()))
+    namespace.update(out_dir="../figures/smoke/condition_number", grid=None, setup=object())
     namespace.update(changes)
     return namespace
 
