@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from kelib.regularizers.pca import pca_rank
-from kelib.regularizers.random_mask import kept_entries
+from kelib.regularizers.rect import kept_entries
 
 RECT_KS = (0.05, 0.1, 0.2, 0.4, 0.8)  # the sweep's values (RECT's k from 5% to 80%)
 PRUNE_ALPHAS = ("e", 2.0, 1.5, 1.2, "linear")  # PRUNE's bases: e, 2, 1.5, 1.2 and the linear F
@@ -143,12 +143,6 @@ def prune_runs(editors: Sequence[str], alphas: Sequence = PRUNE_ALPHAS, mode: st
             for editor in editors for alpha in alphas]
 
 
-def _spread(items: Sequence, at_most: int) -> list:
-    from kelib.runner import _spread as runner_spread
-
-    return runner_spread(items, at_most)
-
-
 def prune_view_scores(setup, weights: dict[int, torch.Tensor], cases: Sequence, alpha) -> tuple[list[dict], dict]:
     """Post-hoc PRUNE at base ``alpha`` on the chain's weights ``weights`` (``{layer: W_n}``): set
     W_0 + F(W_n − W_0) in ``setup.model`` (W_0: the model's own, unedited, weights), score ``cases`` and
@@ -191,6 +185,7 @@ def prune_posthoc_sweep(setup, grid: pd.DataFrame, alphas: Sequence = PRUNE_ALPH
     per-case edit scores ``{(editor, alpha, checkpoint): examples}`` and the editors whose run kept no
     weights (evaluate them with :func:`prune_runs` instead)."""
     from kelib.models import get_weight
+    from kelib.runner import _spread
     from kelib.runstore import read_checkpoint_weights
 
     rows, examples, missing = [], {}, []
@@ -246,14 +241,14 @@ def tradeoff_table(rows: pd.DataFrame) -> pd.DataFrame:
 def prune_raises(setup, editors_layers: dict[str, Sequence[int]], alphas: Sequence = PRUNE_ALPHAS) -> pd.DataFrame:
     """Per editor, layer and α: σmax(W_0), 1 / ln α, and whether F *raises* singular values there
     (σmax(W_0) < 1 / ln α; :func:`kelib.regularizers.prune.raised_range`)."""
+    from kelib.diagnostics import singular_values
     from kelib.models import get_weight
     from kelib.regularizers.prune import raised_range
 
     rows = []
     for editor, layers in editors_layers.items():
         for layer in layers:
-            w = get_weight(setup.model, layer).detach().float()
-            bound = float(torch.linalg.svdvals(w.to(torch.float64) if w.numel() <= 4_000_000 else w)[0])
+            bound = float(singular_values(get_weight(setup.model, layer).float())[0])
             for alpha in alphas:
                 a = parse_alpha(alpha)
                 span = raised_range(bound, a)

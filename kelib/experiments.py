@@ -454,7 +454,7 @@ def _run_one(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_overr
     it again. ``compute=False`` only reads: ``None`` when the cache does not hold the run complete."""
     edit_run, out_dir, spec = _prepare_run(setup, run, cases, n_edits, checkpoints, hparams_overrides,
                                            max_eval_cases, progress)
-    if not compute and not run_complete(edit_run):
+    if not compute and not edit_run.is_complete():
         return None
     try:
         with claim_run(out_dir):
@@ -513,12 +513,6 @@ def _prepare_run(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_o
     return edit_run, out_dir, spec
 
 
-def run_complete(edit_run) -> bool:
-    """Whether the run cache holds ``edit_run`` complete (its table can be read back without computing)."""
-    saved = edit_run.store.saved()
-    return bool(saved is not None and saved.get("complete"))
-
-
 def claim_path(out_dir: str | Path) -> Path:
     """The lock file that claims run folder ``out_dir`` (beside it, hidden)."""
     out_dir = Path(out_dir)
@@ -542,7 +536,7 @@ def run_folder(setup: Setup, run: dict, n_edits: int, checkpoints: Sequence[int]
     cases = setup.cases[first_case : first_case + n_edits]
     edit_run, out_dir, _ = _prepare_run(setup, run, cases, n_edits, checkpoints, hparams_overrides,
                                         max_eval_cases, progress=False)
-    return out_dir, run_complete(edit_run)
+    return out_dir, edit_run.is_complete()
 
 
 def supports(editor: str, regularizer: str) -> bool:

@@ -115,9 +115,9 @@ def as_form(case: EditCase, form: str) -> EditCase:
             neighbours, answers = [], []
             for p, a in kept:
                 opts = [a, a]
-                opts[new_letter(case)] = new
+                opts[at] = new
                 neighbours.append(multiple_choice_prompt(p, opts))
-                answers.append(LETTERS[1 - new_letter(case)])
+                answers.append(LETTERS[1 - at])
             neighbours, answers = tuple(neighbours), tuple(answers)
     return dataclasses.replace(
         case, case_id=case.case_id + _SUFFIX[form], prompt=turn(case.prompt),
@@ -146,14 +146,10 @@ def target_statistics(model, tok, cases: Sequence[EditCase]) -> dict[str, float]
     over cases on the log scale: the geometric mean of the cases' perplexities) and their length in
     tokens (mean over cases)."""
     from kelib.metrics import score_targets
-    from kelib.tokens import with_target
 
     if not cases:
         raise ValueError("no cases to measure")
     scores = score_targets(model, tok, [c.prompt for c in cases], [c.target_new for c in cases])
-    lengths = []
-    for c in cases:
-        full, start = with_target(tok, c.prompt, c.target_new)
-        lengths.append(len(full) - start)
+    lengths = [len(s.token_correct) for s in scores]  # one entry per target token
     nll = sum(s.nll for s in scores) / len(scores)
     return {"target_perplexity": math.exp(nll), "target_nll": nll, "target_tokens": sum(lengths) / len(lengths)}

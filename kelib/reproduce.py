@@ -509,7 +509,7 @@ def reproduce(
 
     library = library_digest(PARAMS_DIR)
     log(f"reproduce {variant}: {len(plan)} notebook(s) from {notebooks_dir} -> {out_root / variant}")
-    results: dict[str, NotebookResult] = {}
+    by_name: dict[str, NotebookResult] = {}
     todo = []
     for i, (name, source, params) in enumerate(plan, 1):
         out_dir = out_root / variant / name
@@ -520,14 +520,14 @@ def reproduce(
         prefix = f"[{i}/{len(plan)}] {name}"
         if reason is None:
             kept = output if output.exists() else None
-            results[name] = NotebookResult(name, "skipped", 0.0, kept, out_dir)
+            by_name[name] = NotebookResult(name, "skipped", 0.0, kept, out_dir)
             log(f"{prefix}: skipped (inputs unchanged)")
             continue
         todo.append(_NotebookJob(name, prefix, reason, nb, source, params, fingerprint, out_dir, output, kernel_name,
                                  timeout_per_cell, progress_bar and notebooks_at_once == 1))
     if notebooks_at_once == 1 or len(todo) <= 1:
         for job in todo:
-            results[job.name], line = _execute(job)
+            by_name[job.name], line = _execute(job)
             log(line)
     else:
         # spawned processes: each papermill run has its own kernel client and event loop
@@ -540,9 +540,9 @@ def reproduce(
             log(f"reproduce {variant}: {notebooks_at_once} notebooks at a time, {threads} thread(s) each")
             for future in concurrent.futures.as_completed([pool.submit(_execute, job) for job in todo]):
                 result, line = future.result()
-                results[result.name] = result
+                by_name[result.name] = result
                 log(line)
-    results = [results[name] for name, _, _ in plan]
+    results = [by_name[name] for name, _, _ in plan]
 
     failed = [r for r in results if r.status == "failed"]
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}

@@ -218,6 +218,11 @@ class EditRun:
 
     # -- public --------------------------------------------------------------------------------
 
+    def is_complete(self) -> bool:
+        """Whether the run's folder holds it finished (its table is read back, nothing computed)."""
+        saved = self.store.saved()
+        return bool(saved is not None and saved.get("complete"))
+
     @property
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=COLUMNS)
@@ -227,8 +232,7 @@ class EditRun:
 
         A run that ``out_dir`` holds complete is not run again: its table is returned and the model
         is left as it is (unedited)."""
-        saved = self.store.saved()
-        if saved is not None and saved.get("complete"):
+        if self.is_complete():
             self.rows = self.store.rows()
             return self.table
         self.rows = []

@@ -5,8 +5,8 @@ from kelib.regularizers.base import Regularizer
 from kelib.regularizers.d4s import D4S, D4SParams
 from kelib.regularizers.pca import PCA, PCAParams, pca_rank, pca_reduce
 from kelib.regularizers.prune import PRUNE, PRUNEParams, restrain
-from kelib.regularizers.random_mask import RandomMask, RandomMaskParams, kept_entries, random_mask
-from kelib.regularizers.rect import RECT, RECTParams, rect
+from kelib.regularizers.random_mask import RandomMask, RandomMaskParams, random_mask
+from kelib.regularizers.rect import RECT, RECTParams, kept_entries, rect
 
 REGULARIZERS = {"none": (Regularizer, None), "RECT": (RECT, RECTParams), "PRUNE": (PRUNE, PRUNEParams), "D4S": (D4S, D4SParams),
                 "random": (RandomMask, RandomMaskParams), "PCA": (PCA, PCAParams)}

@@ -32,7 +32,7 @@ import torch
 
 from kelib.editors.base import EditResult
 from kelib.regularizers.base import Regularizer
-from kelib.regularizers.random_mask import kept_entries
+from kelib.regularizers.rect import kept_entries
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ reproducible and resumes exactly.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from kelib.editors.base import EditResult
 from kelib.regularizers.base import Regularizer
+from kelib.regularizers.rect import kept_entries
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,6 @@ class RandomMaskParams:
     def __post_init__(self):
         if not 0 < self.k <= 1:
             raise ValueError(f"random mask k must be in (0, 1], got {self.k}")
-
-
-def kept_entries(shape: tuple[int, ...], k: float) -> int:
-    """RECT's budget: the number of entries of a ``shape`` update that RECT (and this mask) keep."""
-    return math.ceil(k * math.prod(shape))
 
 
 def random_mask(delta: torch.Tensor, k: float, generator: torch.Generator | None = None) -> torch.Tensor:

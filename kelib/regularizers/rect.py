@@ -30,6 +30,13 @@ class RECTParams:
             raise ValueError(f"RECT k must be in (0, 1], got {self.k}")
 
 
+def kept_entries(shape: tuple[int, ...], k: float) -> int:
+    """RECT's budget: the number of entries of a ``shape`` update that RECT keeps, ceil(k · n) (its
+    random and PCA baselines are held to the same number: :mod:`kelib.regularizers.random_mask`,
+    :mod:`kelib.regularizers.pca`)."""
+    return math.ceil(k * math.prod(shape))
+
+
 def rect_mask(delta: torch.Tensor, weight: torch.Tensor, k: float) -> torch.Tensor:
     """Boolean mask of the ``ceil(k · numel)`` entries with the largest relative change.
 
@@ -38,7 +45,7 @@ def rect_mask(delta: torch.Tensor, weight: torch.Tensor, k: float) -> torch.Tens
     many as are still needed."""
     rel = relative_change(delta, weight).flatten()
     n = rel.numel()
-    keep = math.ceil(k * n)
+    keep = kept_entries(tuple(delta.shape), k)
     if keep >= n:
         return torch.ones_like(delta, dtype=torch.bool)
     threshold = torch.kthvalue(rel, n - keep + 1).values
