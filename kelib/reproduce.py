@@ -573,8 +573,8 @@ class _NotebookJob:
 def _share_cores(threads: int) -> None:
     """Give the kernels this process starts ``threads`` threads each (they inherit the environment):
     notebooks side by side with a thread per core each would oversubscribe the cores, and OpenMP
-    threads that wait by spinning make that many times slower (a notebook's own evaluations, measured
-    at about 10x)."""
+    threads that wait by spinning make that many times slower (seen in a first batch without this: a
+    notebook's own evaluations ran roughly ten times longer than alone; observed, not benchmarked)."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(threads)
 
