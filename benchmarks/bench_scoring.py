@@ -11,8 +11,12 @@ measured in one run on the default model:
   default model's edited-matrix shape;
 - GRACE's lookup: one matrix product with the nearest entries recomputed exactly, against exact
   differences to every entry, for a 1,000-entry codebook and one evaluation batch of tokens;
-- held-out perplexity: windows batched by length, against batches in text order (every checkpoint of
-  every run scores the 196 held-out paragraphs);
+- held-out perplexity: windows batched by length, 8 to a batch, against batches of 32 in text order
+  (every checkpoint of every run scores the 196 held-out paragraphs);
+- a checkpoint's abilities (unedited recall, skills, perplexity) after an edit of layer 3 (ROME's,
+  GRACE's) and of layer 1 (the lowest of MEMIT's), with the passes starting at the edited block
+  (:class:`kelib.unchanged_blocks.UnchangedBlocks`, states recorded on the unedited model first)
+  against whole passes;
 - key statistics: the corpus pass stopped after the last layer read, against the full forward with
   the unembedding (once per model and corpus, at the start of a batch).
 
@@ -113,6 +117,17 @@ def nll_in_text_order(model, tok, texts, seq_len: int = 128, batch_size: int = 3
     return [total[i] / count[i] for i in keep], [count[i] for i in keep]
 
 
+def abilities_passes(model, tok, facts, skills, texts, forward=None) -> tuple:
+    """What the embedded abilities evaluator computes at a checkpoint (its scores, uncached)."""
+    from kelib.embedded.report import choice_correct, paragraph_nll
+    from kelib.metrics import score_targets
+
+    recall = [s.exact for s in score_targets(model, tok, [f.prompt() for f in facts], [f.obj for f in facts],
+                                             forward=forward)]
+    return recall, [choice_correct(model, tok, items, forward=forward) for items in skills.values()], \
+        paragraph_nll(model, tok, texts, forward=forward)
+
+
 def stats_pass(model, tok, layers, spec, full_forward: bool):
     """One pass of the key statistics' corpus, returning K Kᵀ per layer (no cache)."""
     from kelib.models import capture, forward_through
@@ -176,6 +191,27 @@ def main() -> None:
     assert max(abs(a - b) for a, b in zip(sorted_nll[0], text_order_nll[0])) < 1e-4
     rows.append((f"held-out NLL ({len(texts)} paragraphs)", best(lambda: nll_in_text_order(model, tok, texts), args.repeat),
                  best(lambda: paragraph_nll(model, tok, texts), args.repeat)))
+
+    from kelib.embedded.store import built_dir, world_of
+    from kelib.unchanged_blocks import UnchangedBlocks
+
+    facts, skills = world_of(built_dir("default")).facts_in("unedited")[:300], heldout_skills("default")
+    for layer, whose in ((3, "ROME's"), (1, "MEMIT's lowest")):
+        memory = UnchangedBlocks()
+        abilities_passes(model, tok, facts, skills, texts, memory.logits)  # recorded on the unedited model
+        w = get_weight(model, layer)
+        original = w.clone()
+        with torch.no_grad():
+            w.add_(1e-2 * torch.randn(w.shape, generator=generator))
+        try:
+            assert abilities_passes(model, tok, facts, skills, texts, memory.logits) == \
+                abilities_passes(model, tok, facts, skills, texts)
+            rows.append((f"abilities, layer {layer} ({whose}) edited",
+                         best(lambda: abilities_passes(model, tok, facts, skills, texts), args.repeat),
+                         best(lambda: abilities_passes(model, tok, facts, skills, texts, memory.logits), args.repeat)))
+        finally:
+            with torch.no_grad():
+                w.copy_(original)
 
     from kelib.stats import StatsSpec
 

@@ -13,7 +13,7 @@ Recall: all target tokens are the argmax (teacher forced): the "top-1 recall" of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -40,9 +40,13 @@ class TargetScores:
 
 @torch.inference_mode()
 def score_targets(
-    model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64
+    model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64,
+    forward: Callable | None = None,
 ) -> list[TargetScores]:
     """Teacher-forced NLL and argmax of ``targets[i]`` after ``prompts[i]``, batched.
+
+    ``forward(model, input_ids, attention_mask)`` gives the logits (default: the model's forward;
+    :meth:`kelib.unchanged_blocks.UnchangedBlocks.logits` reuses the blocks an edit left alone).
 
     A pair is read from the forward pass of the longest input it is a prefix of (causal attention:
     the logits at a position do not depend on what follows), so pairs that share their input (a
@@ -68,7 +72,7 @@ def score_targets(
     for lo in range(0, len(order), batch_size):
         chunk = order[lo : lo + batch_size]
         ids, mask = pad_batch([rows[r] for r in chunk], tok.pad_token_id, device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = forward(model, ids, mask) if forward else model(input_ids=ids, attention_mask=mask).logits
         # Every target token of every pair read from this chunk, in one gather.
         pairs = [i for r in chunk for i in pairs_of[r]]
         at_row = {r: k for k, r in enumerate(chunk)}

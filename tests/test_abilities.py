@@ -80,7 +80,7 @@ def test_a_damaged_layer_raises_perplexity_measurably(micro, scores, untouched):
 
 def test_the_evaluator_has_a_cache_key_of_its_own(scores):
     evaluate, _ = scores
-    assert evaluate.key == {"abilities": 2, "model": "micro", "n_facts": 50, "n_skill": 40, "n_text": 40}
+    assert evaluate.key == {"abilities": 3, "model": "micro", "n_facts": 50, "n_skill": 40, "n_text": 40}
 
 
 def test_choices_are_scored_as_one_forward_per_choice_would(micro):
