@@ -117,11 +117,12 @@ def nll_in_text_order(model, tok, texts, seq_len: int = 128, batch_size: int = 3
     return [total[i] / count[i] for i in keep], [count[i] for i in keep]
 
 
-def abilities_passes(model, tok, facts, skills, texts, forward=None) -> tuple:
+def abilities_passes(model, tok, facts, skills, texts, memory=None) -> tuple:
     """What the embedded abilities evaluator computes at a checkpoint (its scores, uncached)."""
     from kelib.embedded.report import choice_correct, paragraph_nll
     from kelib.metrics import score_targets
 
+    forward = memory.for_model(model) if memory is not None else None
     recall = [s.exact for s in score_targets(model, tok, [f.prompt() for f in facts], [f.obj for f in facts],
                                              forward=forward)]
     return recall, [choice_correct(model, tok, items, forward=forward) for items in skills.values()], \
@@ -198,17 +199,17 @@ def main() -> None:
     facts, skills = world_of(built_dir("default")).facts_in("unedited")[:300], heldout_skills("default")
     for layer, whose in ((3, "ROME's"), (1, "MEMIT's lowest")):
         memory = UnchangedBlocks()
-        abilities_passes(model, tok, facts, skills, texts, memory.logits)  # recorded on the unedited model
+        abilities_passes(model, tok, facts, skills, texts, memory)  # recorded on the unedited model
         w = get_weight(model, layer)
         original = w.clone()
         with torch.no_grad():
             w.add_(1e-2 * torch.randn(w.shape, generator=generator))
         try:
-            assert abilities_passes(model, tok, facts, skills, texts, memory.logits) == \
+            assert abilities_passes(model, tok, facts, skills, texts, memory) == \
                 abilities_passes(model, tok, facts, skills, texts)
             rows.append((f"abilities, layer {layer} ({whose}) edited",
                          best(lambda: abilities_passes(model, tok, facts, skills, texts), args.repeat),
-                         best(lambda: abilities_passes(model, tok, facts, skills, texts, memory.logits), args.repeat)))
+                         best(lambda: abilities_passes(model, tok, facts, skills, texts, memory), args.repeat)))
         finally:
             with torch.no_grad():
                 w.copy_(original)

@@ -15,7 +15,9 @@ forward hook (GRACE's codebook) counts as changed. A hook outside the blocks tur
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -61,29 +63,37 @@ class UnchangedBlocks:
 
     def logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[batch, seq, vocab]`` logits of ``model``, equal to ``model(input_ids, attention_mask).logits``."""
-        arch = architecture(model)
-        blocks = list(get_module(model, arch.blocks))
+        return self.for_model(model)(model, input_ids, attention_mask)
+
+    def for_model(self, model) -> Callable:
+        """:meth:`logits` for the passes of one evaluation, during which ``model`` does not change: it
+        is compared with the reference once, here, not at every batch (a few milliseconds each)."""
+        blocks = list(get_module(model, architecture(model).blocks))
         start = self._first_changed(model, blocks)
         if start is None:  # a hook outside the blocks: only the model's own forward runs it faithfully
-            return model(input_ids=input_ids, attention_mask=attention_mask).logits
-        key = (tuple(input_ids.shape), input_ids.device.type, _bytes_of(input_ids), _bytes_of(attention_mask))
-        kept = self._kept.get(key)
+            return _own_logits
         if start == 0:
             self._renew_reference(model, blocks)
             start = len(blocks)
-            kept = None  # recorded against the old reference
+        return functools.partial(self._logits_from, blocks, start)
+
+    def _logits_from(self, blocks, start: int, model, input_ids, attention_mask) -> torch.Tensor:
+        arch = architecture(model)
+        final_norm = get_module(model, arch.final_norm)
+        key = (tuple(input_ids.shape), input_ids.device.type, _bytes_of(input_ids), _bytes_of(attention_mask))
+        kept = self._kept.get(key)
         if kept is not None:
             start = min(start, len(kept.entering) - 1)
-            hidden, calls = kept.entering[start], kept.calls[start:]
-            for block, (args, kwargs) in zip(blocks[start:], calls):
+            hidden = kept.entering[start]
+            for block, (args, kwargs) in zip(blocks[start:], kept.calls[start:]):
                 hidden = output_hidden(block(hidden, *args, **kwargs))
             self.blocks_run += len(blocks) - start
         else:
-            entering, calls = _record(model, blocks, get_module(model, arch.final_norm), input_ids, attention_mask)
+            entering, calls = _record(model, blocks, final_norm, input_ids, attention_mask)
             self.blocks_run += len(blocks)
             hidden = entering[-1]
             self._keep(key, _Kept(entering[: start + 1], calls))
-        return get_module(model, arch.lm_head)(get_module(model, arch.final_norm)(hidden))
+        return get_module(model, arch.lm_head)(final_norm(hidden))
 
     def _first_changed(self, model, blocks: list[torch.nn.Module]) -> int | None:
         """The first block that differs from the reference (0: something below the blocks does;
@@ -115,6 +125,10 @@ class UnchangedBlocks:
         if self._bytes + size <= self.max_bytes:
             self._kept[key] = kept
             self._bytes += size
+
+
+def _own_logits(model, input_ids, attention_mask) -> torch.Tensor:
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def _parameters(model, blocks: list[torch.nn.Module]) -> list[list[torch.Tensor]]:

@@ -153,12 +153,13 @@ def abilities_evaluator(name: str = "default", n_facts: int = 300, n_skill: int 
     skills = {k: v[:n_skill] for k, v in heldout_skills(name).items()}
     texts = heldout_texts(name)[:n_text]
     # the same texts and questions at every checkpoint: their passes start at the first edited block
-    forward = UnchangedBlocks().logits
+    unchanged = UnchangedBlocks()
 
     def evaluate(model, tok) -> Scores:
         path = _cached_path(model, tok, evaluate.key)
         if path is not None and path.exists():
             return Scores.from_json(read_json(path))
+        forward = unchanged.for_model(model)
         examples = {"recall_unedited": Sample([s.exact for s in score_targets(model, tok, prompts, answers,
                                                                                forward=forward)])}
         for skill, items in skills.items():
