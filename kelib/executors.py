@@ -46,11 +46,18 @@ def executor_choice(executor: str | dict) -> tuple[str, dict]:
 
 
 def available_cores() -> int:
-    """CPU cores this process may use (the affinity mask, not the host's count)."""
+    """CPU cores this process may use: the affinity mask (not the host's count), or fewer when
+    ``KELIB_CORES`` says so (``kelib reproduce`` gives each notebook it runs side by side its share)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    share = os.environ.get("KELIB_CORES", "").strip()
+    if share:
+        if not share.isdigit() or int(share) < 1:
+            raise ValueError(f"KELIB_CORES must be a whole number of cores, 1 or more, got {share!r}")
+        cores = min(cores, int(share))
+    return cores
 
 
 def plan_workers(workers: int, n_jobs: int, device: str) -> tuple[int, list[str | None], int]:

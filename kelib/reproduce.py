@@ -571,11 +571,16 @@ class _NotebookJob:
 
 
 def _share_cores(threads: int) -> None:
-    """Give the kernels this process starts ``threads`` threads each (they inherit the environment):
-    notebooks side by side with a thread per core each would oversubscribe the cores, and OpenMP
-    threads that wait by spinning make that many times slower (seen in a first batch without this: a
-    notebook's own evaluations ran roughly ten times longer than alone; observed, not benchmarked)."""
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    """Give the kernels this process starts ``threads`` cores each (they inherit the environment):
+    that many threads, and as many local-executor workers (``KELIB_CORES``,
+    :func:`kelib.executors.available_cores`). Notebooks side by side with a thread per core each
+    would oversubscribe the cores, and OpenMP threads that wait by spinning make that many times
+    slower (seen in a first batch without this: a notebook's own evaluations ran roughly ten times
+    longer than alone; observed, not benchmarked). Even single-threaded, four editing processes on
+    two cores get through 8-17% fewer edits per second than two (two runs of
+    ``benchmarks/bench_oversubscription.py``), so each notebook's runs get workers for its share of
+    the cores only."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KELIB_CORES"):
         os.environ[name] = str(threads)
 
 

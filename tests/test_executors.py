@@ -25,6 +25,21 @@ def test_workers_share_the_cores_and_never_outnumber_the_jobs(monkeypatch):
         plan_workers(-1, 3, "cpu")
 
 
+def test_kelib_cores_caps_the_cores_workers_are_planned_for(monkeypatch):
+    """kelib reproduce gives each notebook it runs side by side its share of the cores: its runs get
+    that many workers, not one per core of the machine."""
+    monkeypatch.setattr(executors.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("KELIB_CORES", "2")
+    assert executors.available_cores() == 2
+    assert plan_workers(0, 20, "cpu") == (2, [None, None], 1)
+    monkeypatch.setenv("KELIB_CORES", "16")  # a share above the affinity mask: the mask
+    assert executors.available_cores() == 8
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("KELIB_CORES", bad)
+        with pytest.raises(ValueError, match="KELIB_CORES"):
+            executors.available_cores()
+
+
 def test_local_jobs_run_in_other_processes_in_order_and_failures_carry_their_traceback():
     results = run_local(pid_and, [("a",), ("b",), ("c",)], workers=2, progress=False)
     assert [value for _, value in results] == ["a", "b", "c"]

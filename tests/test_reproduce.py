@@ -120,7 +120,8 @@ def test_notebooks_side_by_side_give_the_results_of_one_at_a_time(batch, tmp_pat
     assert [r.status for r in together] == [r.status for r in serial]
     assert together[1].error == serial[1].error and together[1].cell == serial[1].cell
     numbers = json.loads((together[0].out_dir / "numbers.json").read_text())
-    assert numbers["omp_threads"] == str(max(1, available_cores() // 2))  # the kernel's share of the cores
+    share = str(max(1, available_cores() // 2))
+    assert numbers["omp_threads"] == numbers["kelib_cores"] == share  # the kernel's share of the cores
     assert numbers["double"] == 6 and numbers["x"] == 3 and numbers["python"] == sys.executable
     assert (together[0].out_dir / "table.md").read_text() == "| x | double |\n| ---: | ---: |\n| 3 | 6 |\n"
     assert (together[0].out_dir / ".inputs.json").exists() and not (together[1].out_dir / ".inputs.json").exists()
