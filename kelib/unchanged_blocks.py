@@ -8,9 +8,10 @@ saw the batch, and later passes run only the blocks from the first one that diff
 logits, bit for bit, as ``model(input_ids, attention_mask).logits`` (the blocks are called with the
 arguments the model itself passed them: :func:`kelib.editors.partial.freeze_below`).
 
-"Differs" is checked, not assumed: at each pass the parameters outside the blocks and of every
-block are compared with those of the model the hidden states were recorded on, and a block with a
-forward hook (GRACE's codebook) counts as changed. A hook outside the blocks turns the memory off.
+"Differs" is checked, not assumed: at each evaluation (:meth:`UnchangedBlocks.for_model`) the
+parameters outside the blocks and of every block are compared with those of the model the hidden
+states were recorded on, and a block with a forward hook (GRACE's codebook) counts as changed. A
+hook outside the blocks turns the memory off.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class UnchangedBlocks:
         self.max_bytes = max_bytes
         self._kept: dict[tuple, _Kept] = {}
         self._bytes = 0
-        self._reference: list[torch.Tensor] | None = None  # outside parameters, then each block's
+        self._reference: list[list[torch.Tensor]] | None = None  # outside parameters, then each block's
         self._model_id: int | None = None
         self.blocks_run = 0  # blocks called by this memory's passes (for tests and benchmarks)
 
