@@ -33,8 +33,8 @@ from editing_speed import machine  # noqa: E402
 class PerturbedStatistics:
     """A :class:`kelib.stats.KeyStatistics` whose matrices are perturbed, the same way at every read."""
 
-    def __init__(self, stats, epsilon: float, seed: int):
-        self.stats, self.epsilon, self.seed = stats, epsilon, seed
+    def __init__(self, stats, epsilon: float, seed: int, stream: int = 0):
+        self.stats, self.epsilon, self.seed, self.stream = stats, epsilon, seed, stream
         self._cache: dict[int, torch.Tensor] = {}
         self._siblings: dict[str, PerturbedStatistics] = {}
 
@@ -47,7 +47,7 @@ class PerturbedStatistics:
             if self.seed == 0:
                 self._cache[layer] = c0
             else:
-                generator = torch.Generator().manual_seed(1000 * self.seed + layer)
+                generator = torch.Generator().manual_seed(1000 * self.seed + 100 * self.stream + layer)
                 noise = 2 * torch.rand(c0.shape, generator=generator, dtype=torch.float64) - 1
                 factor = 1 + self.epsilon * (noise + noise.T) / 2
                 self._cache[layer] = (c0.double() * factor).to(c0.dtype)
@@ -56,8 +56,9 @@ class PerturbedStatistics:
     def for_part(self, part: str) -> "PerturbedStatistics":
         if part not in self._siblings:
             sibling = self.stats.for_part(part)
+            # another part's C0 (PMET's attention keys) draws its own noise; seed 0 stays unperturbed
             self._siblings[part] = self if sibling is self.stats else PerturbedStatistics(
-                sibling, self.epsilon, self.seed + 7919)
+                sibling, self.epsilon, self.seed, self.stream + 1)
         return self._siblings[part]
 
 
