@@ -151,3 +151,38 @@ def test_kn_edits_every_family(tiny_model):
     for layer, delta in result.deltas.items():
         assert delta.shape == get_weight(model, layer).shape
         assert torch.equal(delta.abs().sum(0).nonzero().flatten(), selected[layer])
+
+
+def test_attributions_equal_the_whole_models_gradients(tiny_model):
+    """The scaled rows run from the attributed layer's block up (the blocks below once per prompt):
+    the attribution equals w̄ times the mean over the steps of ∂P/∂w taken through the whole model, one
+    unpadded prompt at a time, for every family and prompts of different lengths (so padded rows)."""
+    from kelib.models import keys_and_values
+
+    model, tok = tiny_model
+    prompts = ["The mother tongue of Danielle Darrieux is", "Paris is the capital of"]
+    target, steps = " French", 3
+    found = neuron_attributions(model, tok, prompts, target, [0, 2], steps=steps, batch_size=4)
+    for layer in (0, 2):
+        for index, prompt in enumerate(prompts):
+            ids = torch.tensor([encode(tok, prompt)], device=model.device)
+            full, start = with_target(tok, prompt, target)
+            w_bar = keys_and_values(model, ids, None, [ids.shape[1] - 1], [layer])[layer][0][0]
+            grads = []
+            for k in range(1, steps + 1):
+                neurons = (w_bar * k / steps).clone().requires_grad_(True)
+
+                def replace(_module, args, neurons=neurons):
+                    hidden = args[0].clone()
+                    hidden[:, -1] = neurons
+                    return (hidden, *args[1:])
+
+                handle = edited_module(model, layer).register_forward_pre_hook(replace)
+                try:
+                    prob = torch.softmax(model(ids).logits[0, -1].float(), -1)[full[start]]
+                    grads.append(torch.autograd.grad(prob, neurons)[0])
+                finally:
+                    handle.remove()
+            expected = w_bar * torch.stack(grads).mean(0)
+            assert expected.abs().max() > 0  # the check has something to compare
+            torch.testing.assert_close(found[layer][index], expected, rtol=1e-4, atol=1e-7)

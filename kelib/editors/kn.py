@@ -11,8 +11,10 @@ are set to ŵ, and w̄ their actual values,
     Attr(w_i) = w̄_i ∫₀¹ ∂P_x(α w̄) / ∂w_i dα  ≈  w̄_i / m Σ_{k=1..m} ∂P_x(k/m · w̄) / ∂w_i
 
 (a right Riemann sum with m = ``steps``). One layer is scaled at a time; its m steps for every prompt
-run as rows of one batch (of at most ``batch_size`` rows). Integrated gradients is *complete*:
-Σ_i Attr(w_i) → P_x(w̄) - P_x(0) as m grows (tests/test_kn.py checks it).
+run as rows of one batch (of at most ``batch_size`` rows), from that layer's block up: the blocks
+below see the same prompts at every step, so they run once (:func:`kelib.editors.partial.freeze_below`).
+Integrated gradients is *complete*: Σ_i Attr(w_i) → P_x(w̄) - P_x(0) as m grows (tests/test_kn.py
+checks it).
 
 Selection (§3.3). The prompts are the case prompt behind ROME's generated context prefixes
 (``{}`` first, so the plain prompt is one of them; repeated prompts counted once). For each prompt, a
@@ -41,6 +43,7 @@ import torch
 
 from kelib.editors.base import EditError, EditResult, check_cases, register
 from kelib.editors.context import rome_templates, split_template
+from kelib.editors.partial import Upper, freeze_below
 from kelib.models import (
     add_to_weight,
     check_layer,
@@ -175,8 +178,11 @@ def neuron_attributions(
     for layer in layers:
         w_bar = found[layer][0]  # [n_prompts, d_ff]
         scaled = (w_bar[:, None, :] * alphas[None, :, None]).flatten(0, 1)  # [n_prompts * steps, d_ff]
+        # The neurons sit inside block ``layer``: the blocks below see the same prompts at every step,
+        # so they run once per prompt and the scaled rows start at that block.
+        upper = freeze_below(model, ids, mask, layer)
         grads = torch.cat([
-            _probability_grad(model, layer, ids[rows[c]], mask[rows[c]], [last[r] for r in rows[c].tolist()],
+            _probability_grad(model, layer, upper.subset(rows[c]), torch.tensor([last[r] for r in rows[c].tolist()]),
                               [target_ids[r] for r in rows[c].tolist()], scaled[c])
             for c in torch.arange(len(rows), device=device).split(batch_size)
         ])
@@ -184,11 +190,12 @@ def neuron_attributions(
     return result
 
 
-def _probability_grad(model, layer, ids, mask, last, target_ids, neurons) -> torch.Tensor:
-    """∂P(target | prompt)/∂w for each row, with the layer's neurons at the last token set to ``neurons``."""
+def _probability_grad(model, layer, upper: Upper, last: torch.Tensor, target_ids, neurons) -> torch.Tensor:
+    """∂P(target | prompt)/∂w for each row of ``upper`` (the model from block ``layer`` up), with the
+    layer's neurons at the last token set to ``neurons``."""
     neurons = neurons.detach().clone().requires_grad_(True)
-    rows = torch.arange(len(last), device=ids.device)
-    cols = torch.tensor(last, device=ids.device)
+    rows = torch.arange(len(last), device=upper.hidden.device)
+    cols = last.to(upper.hidden.device)
 
     def replace(_module, args, kwargs):
         # The neurons are the input of mlp_out: overwrite it at the last token, out of place so the
@@ -203,8 +210,8 @@ def _probability_grad(model, layer, ids, mask, last, target_ids, neurons) -> tor
     handle = edited_module(model, layer).register_forward_pre_hook(replace, with_kwargs=True)
     try:
         with torch.enable_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits[rows, cols].float()
-            probs = torch.softmax(logits, -1)[rows, torch.tensor(target_ids, device=ids.device)]
+            logits = upper.run(upper.hidden, rows, cols).float()
+            probs = torch.softmax(logits, -1)[rows, torch.tensor(target_ids, device=rows.device)]
             # Rows are independent, so the gradient of the sum is each row's own gradient.
             (grad,) = torch.autograd.grad(probs.sum(), neurons)
     finally:
