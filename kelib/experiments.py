@@ -343,14 +343,29 @@ CHECKPOINT_SECONDS = 12.0
 def estimated_seconds(run: dict, n_edits: int, checkpoints: Sequence[int]) -> float:
     """A rough length of ``run`` (a :func:`run_grid` run) of ``n_edits`` edits, to order work by: the
     editor's seconds per edit (editors it does not know count as the slowest), its regularizer's
-    factor, and an evaluation per checkpoint."""
+    factor, and an evaluation per checkpoint. A run that only evaluates another's chain of edits
+    counts its evaluations only, so it starts after the runs that edit."""
     per_edit = EDIT_SECONDS.get(run["editor"], max(EDIT_SECONDS.values()))
     per_edit *= REGULARIZER_FACTOR.get(run.get("regularizer", "none"), 1.0)
+    if _evaluates_only(run):  # its chain is the unregularized run's (kelib.chains), started before it
+        per_edit = 0.0
     if run.get("protocol", "sequential") == "sequential":
         evaluations = len(set(checkpoints) | {0, n_edits})
     else:
         evaluations = 1 + run.get("ability_edits", 0)  # single edits: abilities after each of the first N
     return n_edits * per_edit + evaluations * CHECKPOINT_SECONDS
+
+
+def _evaluates_only(run: dict) -> bool:
+    """Whether ``run``'s regularizer changes only the evaluated view (post-hoc PRUNE): its edits are the
+    unregularized run's, which it evaluates once that run is cached (:mod:`kelib.chains`)."""
+    from kelib.regularizers import make_regularizer
+
+    name = run.get("regularizer", "none")
+    try:
+        return name != "none" and not make_regularizer(name, run.get("regularizer_params")).changes_edits
+    except (ValueError, ConfigError):  # refused before the first run (kelib.preflight)
+        return False
 
 
 RUN_KEYS = {"editor", "regularizer", "regularizer_params", "protocol", "batch_size", "overrides", "label", "form",
@@ -510,6 +525,7 @@ def _prepare_run(setup: Setup, run: dict, cases, n_edits, checkpoints, hparams_o
     label = f"{editor}-{regularizer}-{spec.protocol}-b{spec.batch_size}-n{n_edits}-{edit_run.fingerprint[:12]}"
     out_dir = cache_dir("runs", setup.model_name.replace("/", "_")) / label
     edit_run.keep_in(out_dir)
+    edit_run.share_chain_with(out_dir.parent)  # a run cached with the same chain of edits saves editing again
     return edit_run, out_dir, spec
 
 

@@ -31,6 +31,12 @@ applied and accumulated in float32 and the diagnostics describe that float32 mat
 update is checked against the intended one (an update lost to rounding is an
 :class:`~kelib.editors.base.EditError`).
 
+Runs that make the same chain of edits share it (:mod:`kelib.chains`): with
+:meth:`EditRun.share_chain_with`, a run whose every checkpoint another run kept (a 100-edit run inside a
+1,000-edit one, post-hoc PRUNE on the unregularized chain) sets those weights and only evaluates.
+Evaluations leave the random-number generators as they found them, so a chain does not depend on
+where it is evaluated.
+
 Editors that touch a second projection (PMET's attention output) have its diagnostics recorded under
 scope ``weights:<part>``. Editors that keep their edits outside the weights (GRACE's codebook) are
 evaluated inside their ``view``; their weights, and so their diagnostics, do not move.
@@ -49,6 +55,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from kelib.chains import chain_key, find_chain
 from kelib.config import from_dict, to_dict
 from kelib.diagnostics import weight_diagnostics
 from kelib.editors.base import EditError, edited_parts, get_editor
@@ -57,7 +64,18 @@ from kelib.examples import Sample, examples_of
 from kelib.metrics import counterfact_scores, zsre_metrics
 from kelib.edited_weights import EditedWeights
 from kelib.models import check_layer, get_weight, same_device, weights_fingerprint
-from kelib.runstore import COLUMNS, RunStore, code_identity, editor_module, rng_state, seeded_rng, set_rng_state
+from kelib.runstore import (
+    COLUMNS,
+    RUN_FORMAT,
+    RunStore,
+    code_identity,
+    editor_module,
+    read_checkpoint_weights,
+    rng_state,
+    rng_untouched,
+    seeded_rng,
+    set_rng_state,
+)
 
 Protocol = Literal["single", "batch", "sequential"]
 Evaluator = Callable[[object, object], dict]  # (model, tok) -> {metric: value}
@@ -204,7 +222,10 @@ class EditRun:
         }
         if half:  # runs from before edited matrices were kept in float32 measured rounding: not reused
             self.identity["edited_in"] = f"float32 (stored in {', '.join(half)})"
-        self.store = RunStore(out_dir, self.identity)
+        self.chain = self._chain_key(meta)
+        self.chain_runs: Path | None = None  # a folder of runs whose chains this run may take (share_chain_with)
+        self.chain_source: Path | None = None  # the run whose kept weights this run evaluated
+        self.store = RunStore(out_dir, self.identity, self.chain)
         self.regularizer.start(model, self.originals, stats)
 
     @property
@@ -214,7 +235,32 @@ class EditRun:
 
     def keep_in(self, out_dir: str | Path) -> None:
         """Keep the run in ``out_dir`` (e.g. a folder named after :attr:`fingerprint`)."""
-        self.store = RunStore(out_dir, self.identity)
+        self.store = RunStore(out_dir, self.identity, self.chain)
+
+    def share_chain_with(self, runs_dir: str | Path) -> None:
+        """Take the weights at every checkpoint from a run folder in ``runs_dir`` that made the same
+        chain of edits and kept them (:mod:`kelib.chains`), and only evaluate them; without one, edit
+        as usual. A run whose weights other runs cannot stand in for (:attr:`chain` None) always edits."""
+        self.chain_runs = Path(runs_dir)
+
+    def _chain_key(self, meta: dict | None) -> str | None:
+        """The key of the run's chain of edits (:mod:`kelib.chains`): what its weights after each edit
+        depend on. None when kept weights cannot stand in for the evaluated model: protocols other than
+        sequential, a second edited projection (PMET's attention: only the MLP's are kept), edits kept
+        outside the weights (GRACE), weights wider than the float32 they are kept in."""
+        if (self.spec.protocol != "sequential" or self.weights.other_originals
+                or not self.editor.keeps_edits_in_weights
+                or any(w.dtype != torch.float32 for w in self.originals.values())):
+            return None
+        changes = self.regularizer.changes_edits
+        modules = [editor_module(self.editor)] + ([type(self.regularizer).__module__] if changes else [])
+        return chain_key({
+            "format": RUN_FORMAT, "editor": self.spec.editor, "batch_size": self.spec.batch_size,
+            "seed": self.spec.seed, "hparams": self.identity["hparams"], "layers": self.layers,
+            "weights": self.identity["weights"], "code": code_identity(*modules),
+            "regularizer": [self.spec.regularizer, self.spec.regularizer_params] if changes else "none",
+            "edited_in": self.identity.get("edited_in"), **(meta or {}),
+        })
 
     # -- public --------------------------------------------------------------------------------
 
@@ -304,7 +350,7 @@ class EditRun:
                         update, result = self._call_editor(chunk)
                         self.weights.apply(update, result.other_parts)
                         bar.update(len(chunk))
-                    with self.evaluation_view():
+                    with self.evaluation_view(), rng_untouched():
                         per_unit.append((len(unit), edit_metrics(self.model, self.tok, unit)))
                         if self.spec.protocol == "batch":
                             self._record_weights(len(self.cases))
@@ -333,6 +379,10 @@ class EditRun:
         checkpoints = self.spec.checkpoint_list()
         if self.done == 0 and 0 in checkpoints and not self.rows:
             self._checkpoint(0)
+        source = self._shared_chain(checkpoints)
+        if source is not None:
+            self._evaluate_chain_of(source, checkpoints)
+            return
         chunks = self._chunks(self.cases)
         bar = tqdm(total=len(self.cases), initial=self.done, desc=f"{self.spec.editor} sequential",
                    unit="edit", disable=not self.progress)
@@ -351,6 +401,29 @@ class EditRun:
             if any(position - len(chunk) < c <= position for c in checkpoints):
                 self._checkpoint(position)
         bar.close()
+
+    def _shared_chain(self, checkpoints: list[int]) -> Path | None:
+        """A run folder that kept this run's weights at each checkpoint still to do, or None."""
+        if self.chain is None or self.chain_runs is None:
+            return None
+        todo = [c for c in checkpoints if c > self.done]
+        return find_chain(self.chain_runs, self.chain, [c.case_id for c in self.cases], todo,
+                          exclude=self.store.out_dir)
+
+    def _evaluate_chain_of(self, source: Path, checkpoints: list[int]) -> None:
+        """Set the weights ``source`` kept at each checkpoint still to do and evaluate there: no edit
+        is computed (the same chain of edits, :mod:`kelib.chains`)."""
+        if self.progress:
+            name = self.spec.editor + ("" if self.spec.regularizer == "none" else f" + {self.spec.regularizer}")
+            print(f"{name}: its {self.spec.n_edits} edits are the first of run {source.name} (the same chain of "
+                  f"edits); evaluating the weights it kept at {[c for c in checkpoints if c > self.done]}")
+        self.chain_source = source
+        for checkpoint in checkpoints:
+            if checkpoint <= self.done:
+                continue
+            self.weights.load({"weights": read_checkpoint_weights(source, checkpoint), "other_weights": {}})
+            self.done = checkpoint
+            self._checkpoint(checkpoint)
 
     # -- recording -------------------------------------------------------------------------------
 
@@ -410,7 +483,7 @@ class EditRun:
         final = n_done == self.spec.n_edits
         so_far = self.cases[:n_done]
         scored = so_far if final else _spread(so_far, self.spec.max_eval_cases)
-        with self.evaluation_view():
+        with self.evaluation_view(), rng_untouched():
             self._record_weights(n_done)
             scores = edit_metrics(self.model, self.tok, scored)
             for metric, value in scores.items():
@@ -430,11 +503,11 @@ class EditRun:
         state = final_weights = weights_now = None
         if checkpoint and sum(w.numel() * 4 for w in self.originals.values()) <= CHECKPOINT_WEIGHTS_LIMIT:
             weights_now = {checkpoint: self.weights.current(torch.float32)}
-        if not complete:
-            state = self._state()
-        else:
+        if complete:
             with self.regularizer.evaluation_view(self.model):
                 final_weights = self.weights.current()
+        elif self.chain_source is None:  # a run evaluating another's chain starts again if stopped (it is cheap)
+            state = self._state()
         self.store.save(self.rows, self.done, complete, state=state, final_weights=final_weights,
                         templates=self.templates, examples=examples, checkpoint_weights=weights_now)
 

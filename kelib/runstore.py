@@ -3,8 +3,9 @@
 A run folder holds
 
 - ``run.json``: the run's *identity* (spec, hyperparameters, edited layers, case ids, evaluators, a
-  fingerprint of the model's weights at the start, the source of the editor and regularizer code) and
-  how far it got. Written last, so it is the commit marker of a checkpoint.
+  fingerprint of the model's weights at the start, the source of the editor and regularizer code),
+  how far it got and, for a run whose checkpoint weights other runs may use, the key of its chain of
+  edits (:mod:`kelib.chains`). Written last, so it is the commit marker of a checkpoint.
 - ``results.csv``: the tidy table so far.
 - ``state.pt`` (while a sequential run is unfinished): what the rest of the run depends on: the edited
   weights, the regularizer's and editor's state, the run's context templates and the random-number
@@ -41,8 +42,9 @@ from kelib.io import _jsonable as to_jsonable
 from kelib.io import atomic_path, read_json, sha256_file, stable_hash, write_json
 
 # Bumped when what a run folder holds, or what a run's numbers depend on, changes in a way the
-# identity does not capture: an older folder is then refused, not mixed with new rows.
-RUN_FORMAT = 2
+# identity does not capture: an older folder is then refused, not mixed with new rows. 3: evaluations
+# leave the random-number generators as they found them (rng_untouched).
+RUN_FORMAT = 3
 
 COLUMNS = ["checkpoint", "scope", "layer", "metric", "value"]
 CHECKPOINT_WEIGHTS_DIR = "checkpoint_weights"
@@ -121,10 +123,19 @@ def set_rng_state(state: dict) -> None:
 def seeded_rng(seed: int) -> Iterator[None]:
     """Seed every generator for the block, then give the caller back the states it had: a run draws
     the same numbers whatever ran before it in the process, and leaves the caller's draws alone."""
+    with rng_untouched():
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Every generator leaves the block in the state it entered it: the runner evaluates in one, so
+    the edits after a checkpoint draw the same numbers whatever was evaluated there (lm-eval seeds
+    the generators itself), and a run's chain of edits does not depend on its checkpoints."""
     before = rng_state()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
     try:
         yield
     finally:
@@ -137,8 +148,9 @@ def seeded_rng(seed: int) -> Iterator[None]:
 class RunStore:
     """Reads and writes one run folder (``out_dir=None``: a run kept in memory only)."""
 
-    def __init__(self, out_dir: str | Path | None, identity: dict):
+    def __init__(self, out_dir: str | Path | None, identity: dict, chain: str | None = None):
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.chain = chain  # the run's chain of edits (kelib.chains), written to run.json for other runs to find
         # through JSON once, so the identity compares equal to the one read back from run.json
         self.identity = json.loads(json.dumps({"format": RUN_FORMAT, **identity}, sort_keys=True, default=to_jsonable))
         self.fingerprint = stable_hash(self.identity)
@@ -201,8 +213,10 @@ class RunStore:
                 torch.save(final_weights, tmp)
         with atomic_path(self.out_dir / "results.csv") as tmp:
             pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp, index=False)
-        write_json(self.out_dir / "run.json", {"identity": self.identity, "fingerprint": self.fingerprint,
-                                               "done": done, "complete": complete})
+        info = {"identity": self.identity, "fingerprint": self.fingerprint, "done": done, "complete": complete}
+        if self.chain is not None:
+            info["chain"] = self.chain
+        write_json(self.out_dir / "run.json", info)
         if complete and (self.out_dir / "state.pt").exists():
             (self.out_dir / "state.pt").unlink()
 

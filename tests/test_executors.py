@@ -119,9 +119,14 @@ def test_jobs_start_longest_first_and_results_keep_the_given_order():
 def test_a_runs_estimated_length_orders_the_papers_runs_sensibly():
     from kelib.experiments import estimated_seconds
 
-    def length(editor, regularizer="none", n=1000):
-        return estimated_seconds({"editor": editor, "regularizer": regularizer}, n, [100, 500])
+    def length(editor, regularizer="none", n=1000, **params):
+        return estimated_seconds({"editor": editor, "regularizer": regularizer, "regularizer_params": params},
+                                 n, [100, 500])
 
     assert length("PMET") > length("MEMIT", "D4S") > length("MEMIT") > length("ROME") > length("MEND")
     assert length("ROME", n=100) < length("ROME", n=1000)
     assert length("SomeNewEditor") >= length("KN")  # unknown editors are not started last
+    # post-hoc PRUNE evaluates the unregularized run's chain (kelib.chains): it starts after the runs that edit
+    assert length("MEMIT", "PRUNE") < length("MEND") and length("MEMIT", "PRUNE", mode="post_hoc") < length("MEND")
+    assert length("MEMIT", "PRUNE", mode="per_step") == length("MEMIT")
+    assert length("MEMIT", "RECT", k=0.2) == length("MEMIT")

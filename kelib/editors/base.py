@@ -82,6 +82,11 @@ class Editor:
     batchable: bool  # whether one call may carry several cases at once
     view: Callable[[object, dict], ContextManager] = _no_view  # edits kept outside the weights
 
+    @property
+    def keeps_edits_in_weights(self) -> bool:
+        """Whether the edited model is its weights alone (no ``view``, as GRACE's codebook is)."""
+        return self.view is _no_view
+
 
 EDITORS: dict[str, Editor] = {}
 

@@ -45,6 +45,13 @@ class Regularizer:
     def evaluation_view(self, model) -> Iterator[None]:
         yield
 
+    @property
+    def changes_edits(self) -> bool:
+        """Whether the regularizer changes the chain of edits (the weights after each edit), not only
+        the evaluated view: runs that differ only in a regularizer that does not share one chain
+        (:mod:`kelib.chains`). A subclass changes them unless it says otherwise."""
+        return type(self) is not Regularizer
+
     def editor_overrides(self) -> dict:
         """Editor hyperparameters this regularizer needs (e.g. D4S's residual spread)."""
         return {}

@@ -138,6 +138,10 @@ class PRUNE(Regularizer):
         same_device(w0, current, what=f"PRUNE's W_0 and the current W of layer {layer}")
         return w0 + restrain(current.float() - w0, self.bounds[layer], self.params.alpha)
 
+    @property
+    def changes_edits(self) -> bool:
+        return self.params.mode == "per_step"  # post hoc: the unrestrained chain, restrained when evaluated
+
     def transform(self, result: EditResult, model) -> dict[int, torch.Tensor]:
         if self.params.mode == "post_hoc":
             return dict(result.deltas)
