@@ -12,13 +12,15 @@ Layout (one notebook per paper claim):
 - ``figures/<variant>/<name>/``: what the notebook writes (the runner passes ``out_dir``, absolute):
   figures, tables, ``numbers.json``, and the runner's ``.inputs.json``. A re-run skips a notebook whose
   inputs (notebook cells, parameters, kelib's code, ``params/embedded.yaml``, ``params/hparams/**``) are
-  unchanged and whose ``numbers.json`` exists.
+  unchanged and whose ``numbers.json`` exists. ``.inputs.json`` also records how long the notebook took:
+  side by side, the notebooks that took longest last time start first.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import math
 import multiprocessing
 import os
 import re
@@ -43,6 +45,7 @@ RUNS_DIR = REPO_DIR / "runs"
 FIRST_NOTEBOOK = "00_tour"
 OUT_DIR_PARAM = "out_dir"
 INPUTS_FILE = ".inputs.json"
+SECONDS_KEY = "seconds"  # in INPUTS_FILE: how long the notebook's last run took (to order the next batch)
 NUMBERS_FILE = "numbers.json"
 # papermill/nbclient bookkeeping that must never be committed in a source notebook
 _PAPERMILL_CELL_KEYS = ("papermill", "execution")
@@ -252,6 +255,24 @@ def _fingerprint(nb, params: dict[str, Any], library: dict[str, str]) -> dict[st
     }
     parts["all"] = io.stable_hash(parts, length=64)
     return parts
+
+
+def last_seconds(out_dir: Path) -> float | None:
+    """How long the notebook writing into ``out_dir`` took on its last successful run, if recorded."""
+    try:
+        seconds = io.read_json(out_dir / INPUTS_FILE).get(SECONDS_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(seconds) if isinstance(seconds, (int, float)) else None
+
+
+def longest_first(jobs: list, out_dirs: list[Path]) -> list:
+    """``jobs`` ordered by how long their notebooks took last time, longest first; a notebook with no
+    record counts as the longest (it may be), and ties keep the plan's order. Side by side, the batch
+    then ends with short notebooks rather than one long one running alone."""
+    recorded = [last_seconds(d) for d in out_dirs]
+    order = sorted(range(len(jobs)), key=lambda i: -(math.inf if recorded[i] is None else recorded[i]))
+    return [jobs[i] for i in order]
 
 
 def _changed(out_dir: Path, fingerprint: dict[str, str]) -> str | None:
@@ -472,6 +493,7 @@ def reproduce(
         notebooks_at_once: notebooks executed side by side, each in a process of its own. On the CPU,
             two keep both cores busy while one notebook waits for its last run, loads its model or
             plots; notebooks that share a run wait for the one computing it (the run folder is claimed).
+            They start longest first, by the seconds each took on its last run (:func:`longest_first`).
             Results and figures are the same as one at a time.
 
     Every params file is validated before anything runs (``ParamsError``). A failing notebook is reported
@@ -535,6 +557,7 @@ def reproduce(
 
         context = multiprocessing.get_context("spawn")
         threads = max(1, available_cores() // notebooks_at_once)
+        todo = longest_first(todo, [job.out_dir for job in todo])
         with concurrent.futures.ProcessPoolExecutor(notebooks_at_once, mp_context=context, initializer=_share_cores,
                                                     initargs=(threads,)) as pool:
             log(f"reproduce {variant}: {notebooks_at_once} notebooks at a time, {threads} thread(s) each")
@@ -615,7 +638,7 @@ def _execute(job: _NotebookJob) -> tuple[NotebookResult, str]:
         message = f"{job.name}: ran but wrote no {NUMBERS_FILE} to out_dir"
         return (NotebookResult(job.name, "failed", seconds, job.output, job.out_dir, message),
                 f"{job.prefix}: FAILED after {seconds:.1f}s: {message}")
-    io.write_json(job.out_dir / INPUTS_FILE, job.fingerprint)
+    io.write_json(job.out_dir / INPUTS_FILE, {**job.fingerprint, SECONDS_KEY: round(seconds, 1)})
     return (NotebookResult(job.name, "ok", seconds, job.output, job.out_dir),
             f"{job.prefix}: ok in {seconds:.1f}s ({job.reason})")
 

@@ -66,6 +66,7 @@ def test_batch_runs_good_notebook_and_reports_failing_one(batch):
     assert rp.kernel_executable("python3") == sys.executable
     for f in ("line.png", "line.pdf", "table.csv", "table.md", ".inputs.json"):
         assert (double.out_dir / f).exists(), f
+    assert rp.last_seconds(double.out_dir) == pytest.approx(double.seconds, abs=0.06)  # orders the next batch
     assert (double.out_dir / "table.md").read_text() == "| x | double |\n| ---: | ---: |\n| 3 | 6 |\n"
     # executed notebooks go to runs/<variant>/, the sources stay untouched
     assert double.output == root / "runs" / "smoke" / "double.ipynb" and double.output.exists()
@@ -127,6 +128,21 @@ def test_notebooks_side_by_side_give_the_results_of_one_at_a_time(batch, tmp_pat
     assert (together[0].out_dir / ".inputs.json").exists() and not (together[1].out_dir / ".inputs.json").exists()
     with pytest.raises(ValueError, match="notebooks_at_once"):
         _run(variant, notebooks_at_once=0, force=True, **kwargs)
+
+
+def test_side_by_side_the_notebooks_that_took_longest_start_first(tmp_path):
+    recorded = {"short": 40.0, "unknown": None, "long": 900.5, "broken": "x", "middle": 300}
+    dirs = []
+    for name, seconds in recorded.items():
+        (tmp_path / name).mkdir()
+        if seconds is not None:
+            (tmp_path / name / ".inputs.json").write_text(json.dumps({"all": "f", "seconds": seconds}))
+        dirs.append(tmp_path / name)
+    (tmp_path / "broken" / ".inputs.json").write_text("{not json")
+    assert rp.last_seconds(tmp_path / "long") == 900.5 and rp.last_seconds(tmp_path / "unknown") is None
+    assert rp.last_seconds(tmp_path / "broken") is None
+    # no record counts as longest, ties keep the plan's order
+    assert rp.longest_first(list(recorded), dirs) == ["unknown", "broken", "long", "middle", "short"]
 
 
 def test_library_changes_change_the_fingerprint(tmp_path):
