@@ -334,7 +334,7 @@ def run_grid(
 # Seconds per edit on the default model, one thread (measured in `make reproduce`'s 1,000-edit runs and
 # bench_editors.py --speed), and per checkpoint evaluation: only to start long runs first
 # (:func:`estimated_seconds`), never part of a result.
-EDIT_SECONDS = {"ROME": 0.15, "MEMIT": 0.2, "PMET": 0.5, "AlphaEdit": 1.0, "FT": 0.25, "GRACE": 0.08, "KN": 1.1,
+EDIT_SECONDS = {"ROME": 0.15, "MEMIT": 0.2, "PMET": 0.5, "AlphaEdit": 1.0, "FT": 0.25, "GRACE": 0.08, "KN": 0.75,
                 "MEND": 0.03}
 REGULARIZER_FACTOR = {"D4S": 1.5}
 CHECKPOINT_SECONDS = 12.0
