@@ -18,9 +18,13 @@ measured in one run on the default model:
   (:class:`kelib.unchanged_blocks.UnchangedBlocks`, states recorded on the unedited model first)
   against whole passes;
 - key statistics: the corpus pass stopped after the last layer read, against the full forward with
-  the unembedding (once per model and corpus, at the start of a batch).
+  the unembedding (once per model and corpus, at the start of a batch);
+- KN's attribution (integrated gradients over the four layers' neurons, the default hyperparameters)
+  for a few tune-split cases: the scaled rows run from the attributed layer's block up, against whole
+  passes of every row (the code before).
 
-Each pair's results are checked equal before they are timed (best of ``--repeat``).
+Each pair's results are checked equal before they are timed (best of ``--repeat``); KN's attributions
+to float rounding (the rows are batched differently) and its selected neurons exactly.
 """
 
 from __future__ import annotations
@@ -147,6 +151,44 @@ def stats_pass(model, tok, layers, spec, full_forward: bool):
     return sums
 
 
+def attributions_whole_passes(model, tok, prompts, target, layers, steps, batch_size):
+    """The computation KN's attribution replaced: every scaled row through the whole model, with the
+    unembedding at every position (kelib.editors.kn before the rows started at the attributed block)."""
+    from kelib.models import device_of, edited_module, keys_and_values
+    from kelib.tokens import encode, pad_batch, with_target
+
+    encoded = [encode(tok, p) for p in prompts]
+    target_ids = [full[start] for full, start in (with_target(tok, p, target) for p in prompts)]
+    last = [len(e) - 1 for e in encoded]
+    ids, mask = pad_batch(encoded, tok.pad_token_id, device_of(model))
+    found = keys_and_values(model, ids, mask, last, layers)
+    alphas = torch.arange(1, steps + 1, dtype=torch.float32) / steps
+    rows = torch.arange(len(prompts)).repeat_interleave(steps)
+    result = {}
+    for layer in layers:
+        w_bar = found[layer][0]
+        scaled = (w_bar[:, None, :] * alphas[None, :, None]).flatten(0, 1)
+        grads = []
+        for chunk in torch.arange(len(rows)).split(batch_size):
+            picked = rows[chunk]
+            neurons = scaled[chunk].detach().clone().requires_grad_(True)
+            at = (torch.arange(len(chunk)), torch.tensor([last[r] for r in picked.tolist()]))
+
+            def replace(_module, args, neurons=neurons, at=at):
+                return (args[0].index_put(at, neurons), *args[1:])
+
+            handle = edited_module(model, layer).register_forward_pre_hook(replace)
+            try:
+                with torch.enable_grad():
+                    logits = model(input_ids=ids[picked], attention_mask=mask[picked]).logits[at].float()
+                    probs = torch.softmax(logits, -1)[torch.arange(len(chunk)), [target_ids[r] for r in picked.tolist()]]
+                    grads.append(torch.autograd.grad(probs.sum(), neurons)[0])
+            finally:
+                handle.remove()
+        result[layer] = w_bar * torch.cat(grads).view(len(prompts), steps, -1).mean(1)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -222,6 +264,24 @@ def main() -> None:
     rows.append((f"key statistics pass (200 texts, layers {layers})",
                  best(lambda: stats_pass(model, tok, layers, spec, True), args.repeat),
                  best(lambda: stats_pass(model, tok, layers, spec, False), args.repeat)))
+
+    from kelib.editors import load_hparams
+    from kelib.editors.kn import attribution_prompts, neuron_attributions, refine
+
+    kn = load_hparams("KN", "kelib-default")
+    kn_cases = list(world_of(built_dir("default")).cases["tune"])[:4]
+    asked = [(attribution_prompts(model, tok, case, kn), case.target_true) for case in kn_cases]
+
+    def attribute(how):
+        return [how(model, tok, prompts, target, kn.layers, kn.steps, kn.batch_size) for prompts, target in asked]
+
+    for now, before in zip(attribute(neuron_attributions), attribute(attributions_whole_passes)):
+        assert all(torch.allclose(now[layer], before[layer], rtol=1e-4, atol=1e-7) for layer in kn.layers)
+        chosen = [refine(found, kn.adaptive_threshold, kn.p, kn.max_neurons) for found in (now, before)]
+        assert all(torch.equal(chosen[0][layer], chosen[1][layer]) for layer in kn.layers)
+    rows.append((f"KN attribution ({len(kn_cases)} cases, layers {kn.layers})",
+                 best(lambda: attribute(attributions_whole_passes), args.repeat),
+                 best(lambda: attribute(neuron_attributions), args.repeat)))
 
     print(f"{'':46s} {'before s':>10s} {'now s':>10s} {'ratio':>7s}")
     for what, before, now in rows:
