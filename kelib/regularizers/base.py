@@ -48,8 +48,8 @@ class Regularizer:
     @property
     def changes_edits(self) -> bool:
         """Whether the regularizer changes the chain of edits (the weights after each edit), not only
-        the evaluated view: runs that differ only in a regularizer that does not share one chain
-        (:mod:`kelib.chains`). A subclass changes them unless it says otherwise."""
+        the evaluated view. Runs that differ only in a regularizer that does not change it share one
+        chain (:mod:`kelib.chains`). A subclass changes it unless it says otherwise."""
         return type(self) is not Regularizer
 
     def editor_overrides(self) -> dict:
