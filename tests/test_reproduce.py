@@ -106,7 +106,7 @@ def test_rerun_skips_unchanged_reruns_after_param_change_and_on_force(batch):
     assert not (forced.out_dir / "stale.png").exists()  # a run starts from an empty out_dir
 
 
-def test_notebooks_side_by_side_give_the_results_of_one_at_a_time(batch, tmp_path):
+def test_notebooks_side_by_side_give_the_results_of_one_at_a_time(batch, tmp_path, monkeypatch):
     """Two notebooks executed at once, each in its own process: the statuses, numbers, failure report
     and files of the batch that ran them one after the other (its first run, x=3), in the plan's order."""
     from kelib.executors import available_cores
@@ -114,7 +114,11 @@ def test_notebooks_side_by_side_give_the_results_of_one_at_a_time(batch, tmp_pat
     lines: list[str] = []
     kwargs = {**batch["kwargs"], "out_root": tmp_path / "figures", "runs_root": tmp_path / "runs", "log": lines.append}
     variant = _write_params(tmp_path / "params" / "smoke", double={"x": 3}, fails={})
+    ordered = []
+    order = rp.longest_first
+    monkeypatch.setattr(rp, "longest_first", lambda jobs, dirs: ordered.append([j.name for j in jobs]) or order(jobs, dirs))
     together = _run(variant, notebooks_at_once=2, **kwargs)
+    assert ordered == [["double", "fails"]]  # side by side, the jobs were ordered longest first (no records: as planned)
     assert f"reproduce smoke: 2 notebooks at a time, {max(1, available_cores() // 2)} thread(s) each" in lines
     serial = batch["results"]
     assert [r.name for r in together] == ["double", "fails"]

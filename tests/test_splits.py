@@ -211,6 +211,8 @@ def test_recall_unedited_reads_unedited_facts_only(micro, stored, monkeypatch):
         return scorer(model, tok, prompts, targets, *args, **kwargs)
 
     monkeypatch.setattr(report, "score_targets", recording)
+    # computed, not read back from the evaluation cache an earlier session (KELIB_TEST_CACHE) left
+    monkeypatch.setattr(report, "_cached_path", lambda *args: None)
     result = abilities_evaluator("micro", n_facts=30, n_skill=5, n_text=2)(model, tok)
     unedited = stored.facts_in("unedited")[:30]
     assert seen[0] == ([f.prompt() for f in unedited], [f.obj for f in unedited])
