@@ -266,13 +266,12 @@ def last_seconds(out_dir: Path) -> float | None:
     return float(seconds) if isinstance(seconds, (int, float)) else None
 
 
-def longest_first(jobs: list, out_dirs: list[Path]) -> list:
-    """``jobs`` ordered by how long their notebooks took last time, longest first; a notebook with no
-    record counts as the longest (it may be), and ties keep the plan's order. Side by side, the batch
-    then ends with short notebooks rather than one long one running alone."""
-    recorded = [last_seconds(d) for d in out_dirs]
-    order = sorted(range(len(jobs)), key=lambda i: -(math.inf if recorded[i] is None else recorded[i]))
-    return [jobs[i] for i in order]
+def notebook_cost(job: _NotebookJob) -> float:
+    """How long ``job``'s notebook took on its last run, to start the longest first side by side
+    (:func:`kelib.executors.longest_first`); a notebook with no record counts as the longest (it may
+    be). The batch then ends with short notebooks rather than one long one running alone."""
+    seconds = last_seconds(job.out_dir)
+    return math.inf if seconds is None else seconds
 
 
 def _changed(out_dir: Path, fingerprint: dict[str, str]) -> str | None:
@@ -493,7 +492,7 @@ def reproduce(
         notebooks_at_once: notebooks executed side by side, each in a process of its own. On the CPU,
             two keep both cores busy while one notebook waits for its last run, loads its model or
             plots; notebooks that share a run wait for the one computing it (the run folder is claimed).
-            They start longest first, by the seconds each took on its last run (:func:`longest_first`).
+            They start longest first, by the seconds each took on its last run (:func:`notebook_cost`).
             Results and figures are the same as one at a time.
 
     Every params file is validated before anything runs (``ParamsError``). A failing notebook is reported
@@ -553,11 +552,11 @@ def reproduce(
             log(line)
     else:
         # spawned processes: each papermill run has its own kernel client and event loop
-        from kelib.executors import available_cores
+        from kelib.executors import available_cores, longest_first
 
         context = multiprocessing.get_context("spawn")
         threads = max(1, available_cores() // notebooks_at_once)
-        todo = longest_first(todo, [job.out_dir for job in todo])
+        todo = [todo[i] for i in longest_first(todo, notebook_cost)]
         with concurrent.futures.ProcessPoolExecutor(notebooks_at_once, mp_context=context, initializer=_share_cores,
                                                     initargs=(threads,)) as pool:
             log(f"reproduce {variant}: {notebooks_at_once} notebooks at a time, {threads} thread(s) each")

@@ -114,11 +114,11 @@ def test_notebooks_side_by_side_give_the_results_of_one_at_a_time(batch, tmp_pat
     lines: list[str] = []
     kwargs = {**batch["kwargs"], "out_root": tmp_path / "figures", "runs_root": tmp_path / "runs", "log": lines.append}
     variant = _write_params(tmp_path / "params" / "smoke", double={"x": 3}, fails={})
-    ordered = []
-    order = rp.longest_first
-    monkeypatch.setattr(rp, "longest_first", lambda jobs, dirs: ordered.append([j.name for j in jobs]) or order(jobs, dirs))
+    costed = []
+    cost = rp.notebook_cost
+    monkeypatch.setattr(rp, "notebook_cost", lambda job: costed.append(job.name) or cost(job))
     together = _run(variant, notebooks_at_once=2, **kwargs)
-    assert ordered == [["double", "fails"]]  # side by side, the jobs were ordered longest first (no records: as planned)
+    assert costed == ["double", "fails"]  # side by side, the jobs were ordered longest first (no records: as planned)
     assert f"reproduce smoke: 2 notebooks at a time, {max(1, available_cores() // 2)} thread(s) each" in lines
     serial = batch["results"]
     assert [r.name for r in together] == ["double", "fails"]
@@ -135,18 +135,23 @@ def test_notebooks_side_by_side_give_the_results_of_one_at_a_time(batch, tmp_pat
 
 
 def test_side_by_side_the_notebooks_that_took_longest_start_first(tmp_path):
+    from types import SimpleNamespace
+
+    from kelib.executors import longest_first
+
     recorded = {"short": 40.0, "unknown": None, "long": 900.5, "broken": "x", "middle": 300}
-    dirs = []
+    jobs = []
     for name, seconds in recorded.items():
         (tmp_path / name).mkdir()
         if seconds is not None:
             (tmp_path / name / ".inputs.json").write_text(json.dumps({"all": "f", "seconds": seconds}))
-        dirs.append(tmp_path / name)
+        jobs.append(SimpleNamespace(name=name, out_dir=tmp_path / name))
     (tmp_path / "broken" / ".inputs.json").write_text("{not json")
     assert rp.last_seconds(tmp_path / "long") == 900.5 and rp.last_seconds(tmp_path / "unknown") is None
     assert rp.last_seconds(tmp_path / "broken") is None
     # no record counts as longest, ties keep the plan's order
-    assert rp.longest_first(list(recorded), dirs) == ["unknown", "broken", "long", "middle", "short"]
+    order = longest_first(jobs, rp.notebook_cost)
+    assert [jobs[i].name for i in order] == ["unknown", "broken", "long", "middle", "short"]
 
 
 def test_library_changes_change_the_fingerprint(tmp_path):
