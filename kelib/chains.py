@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kelib.io import read_json, stable_hash
-from kelib.runstore import CHECKPOINT_WEIGHTS_DIR
+from kelib.runstore import checkpoint_weights_path
 
 
 def chain_key(chain: dict) -> str:
@@ -55,6 +55,6 @@ def find_chain(runs_dir: str | Path, key: str, case_ids: Sequence[str], checkpoi
         cases = info.get("identity", {}).get("cases", [])
         if len(cases) < needed or list(cases[:needed]) != list(case_ids[:needed]):
             continue
-        if all((folder / CHECKPOINT_WEIGHTS_DIR / f"{int(c)}.pt").is_file() for c in checkpoints):
+        if all(checkpoint_weights_path(folder, c).is_file() for c in checkpoints):
             return folder
     return None

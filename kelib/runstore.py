@@ -205,8 +205,9 @@ class RunStore:
         if templates:
             write_json(self.out_dir / "templates.json", templates)
         for checkpoint, weights in (checkpoint_weights or {}).items():
-            (self.out_dir / CHECKPOINT_WEIGHTS_DIR).mkdir(exist_ok=True)
-            with atomic_path(self.out_dir / CHECKPOINT_WEIGHTS_DIR / f"{int(checkpoint)}.pt") as tmp:
+            path = checkpoint_weights_path(self.out_dir, checkpoint)
+            path.parent.mkdir(exist_ok=True)
+            with atomic_path(path) as tmp:
                 torch.save(weights, tmp)
         if final_weights is not None:
             with atomic_path(self.out_dir / "final_weights.pt") as tmp:
@@ -221,10 +222,15 @@ class RunStore:
             (self.out_dir / "state.pt").unlink()
 
 
+def checkpoint_weights_path(run_dir: str | Path, checkpoint: int) -> Path:
+    """Where a sequential run keeps the edited layers' weights at ``checkpoint`` (see the module docstring)."""
+    return Path(run_dir) / CHECKPOINT_WEIGHTS_DIR / f"{int(checkpoint)}.pt"
+
+
 def read_checkpoint_weights(run_dir: str | Path, checkpoint: int) -> dict[int, torch.Tensor] | None:
     """The edited layers' weights a sequential run kept at ``checkpoint`` (on the CPU), or None when
     it kept none there (matrices too large, or a run made before they were kept)."""
-    path = Path(run_dir) / CHECKPOINT_WEIGHTS_DIR / f"{int(checkpoint)}.pt"
+    path = checkpoint_weights_path(run_dir, checkpoint)
     return torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
 
 
